@@ -1,0 +1,77 @@
+"""ROSE's two losses from two dropout passes (spec section 2).
+
+``L_task`` trains the model; ``L_rob`` only scores tensors (its gradient is never applied)::
+
+    L_rob  = (sum over batch and classes of KL(P2 || P1) + KL(P1 || P2)) / 4
+    L_task = 0.5 * CE(z1, y) + 0.5 * CE(z2, y)
+
+For a regression head (one output) the task loss is the averaged MSE and ``L_rob`` is the MSE
+between the two outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class RoseLosses(NamedTuple):
+    """The task loss to train on, the robust loss to score with, and both passes' logits."""
+
+    task: Tensor
+    robust: Tensor | None
+    logits1: Tensor
+    logits2: Tensor | None
+
+
+def robust_loss(z1: Tensor, z2: Tensor) -> Tensor:
+    """Symmetric KL between two passes' class distributions, summed over the batch, divided by 4.
+
+    For one output column (a regression head) it is the mean squared difference instead.
+    """
+    if z1.shape[-1] == 1:
+        return F.mse_loss(z1.float(), z2.float())
+    lp1 = F.log_softmax(z1.float(), dim=-1)
+    lp2 = F.log_softmax(z2.float(), dim=-1)
+    # kl_div(input=log P_a, target=log P_b, log_target) = sum P_b (log P_b - log P_a) = KL(P_b || P_a)
+    kl_21 = F.kl_div(lp1, lp2, reduction="sum", log_target=True)
+    kl_12 = F.kl_div(lp2, lp1, reduction="sum", log_target=True)
+    return (kl_21 + kl_12) / 4
+
+
+def task_loss(z: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy for class logits, mean squared error for a one-output regression head."""
+    if z.shape[-1] == 1:
+        return F.mse_loss(z.float().squeeze(-1), labels.float())
+    return F.cross_entropy(z.float(), labels)
+
+
+def rose_losses(model: Any, inputs: Mapping[str, Tensor], labels: Tensor, *, two_passes: bool = True) -> RoseLosses:
+    """Runs the model once or twice (dropout on) and returns ROSE's losses.
+
+    Args:
+        model: Any callable whose output has ``.logits`` (a Hugging Face model, or a DeepSpeed
+            engine wrapping one); it must be in training mode so the two passes differ.
+        inputs: Keyword inputs of the model (without ``labels``).
+        labels: Class indices, or float targets for a one-output regression head.
+        two_passes: ``False`` for modes that need no robust loss (``none``, ``second``): one
+            pass, ``robust`` is ``None``, ``task`` is the plain loss.
+
+    Raises:
+        ValueError: when the model is in eval mode with ``two_passes`` (dropout would be off, the
+            passes identical and the robust gradient zero).
+    """
+    z1 = model(**inputs).logits
+    if not two_passes:
+        return RoseLosses(task_loss(z1, labels), None, z1, None)
+    if not getattr(model, "training", True):
+        raise ValueError("rose_losses: the model is in eval mode; call model.train() so the two dropout passes differ")
+    z2 = model(**inputs).logits
+    task = 0.5 * task_loss(z1, labels) + 0.5 * task_loss(z2, labels)
+    return RoseLosses(task, robust_loss(z1, z2), z1, z2)
+
+
+__all__ = ["RoseLosses", "robust_loss", "rose_losses", "task_loss"]

@@ -1,0 +1,350 @@
+"""RoseAdamW: AdamW that freezes, at every step, the eligible tensors whose update looks unrobust.
+
+The update rule is ``masked_adamw_`` (pure tensor arithmetic, no distributed code); the selection
+comes from :mod:`rose_ds.selection`. The optimizer itself only gathers the per-tensor statistics,
+asks for the mask and applies the update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rose_ds.config import RoseConfig
+from rose_ds.selection import (
+    eligible_names,
+    mask_coefficients,
+    masking_active,
+    needs_robust_gradient,
+    needs_second_order,
+)
+
+
+def masked_adamw_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    coefficients: Sequence[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    foreach: bool = True,
+) -> None:
+    """One masked AdamW step, in place, over lists of tensors (ROSE spec section 4).
+
+    With ``c`` the coefficient of a tensor::
+
+        g' = c * g + (1 - c) * m
+        m  = beta1 * m + (1 - beta1) * g'
+        v  = beta2 * v + (1 - beta2) * g'^2
+        p -= lr * sqrt(1 - beta2^t) / (1 - beta1^t) * c * m / (sqrt(v) + eps)
+        p *= 1 - lr * weight_decay * c
+
+    ``c == 1`` is exact AdamW (no temporary for ``g'``); ``c == 0`` leaves ``m`` and ``p`` untouched
+    and only moves ``v`` toward ``m^2``. Only tensors with ``0 < c < 1`` allocate ``g'``.
+
+    Args:
+        params, grads, exp_avgs, exp_avg_sqs: Same-length lists of same-shape tensors (views of a
+            flat buffer are fine).
+        coefficients: ``c`` per tensor, in [0, 1].
+        lr, beta1, beta2, eps, weight_decay: AdamW hyper-parameters of the group.
+        step: The global step ``t`` (1-based) used for bias correction.
+        foreach: Use torch's multi-tensor kernels; the per-tensor path gives bit-identical results.
+    """
+    step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    live = [i for i, c in enumerate(coefficients) if c > 0]
+    frozen = [i for i, c in enumerate(coefficients) if c == 0]
+
+    # g' = lerp(m, g, c) only where 0 < c < 1, grouped by value so each group is one foreach call.
+    mixed: dict[float, list[int]] = defaultdict(list)
+    for i in live:
+        if coefficients[i] != 1:
+            mixed[coefficients[i]].append(i)
+    g_live = {i: grads[i] for i in live}
+    for c, idx in mixed.items():
+        ms, gs = [exp_avgs[i] for i in idx], [grads[i] for i in idx]
+        lerped = torch._foreach_lerp(ms, gs, c) if foreach else [torch.lerp(m, g, c) for m, g in zip(ms, gs)]
+        g_live.update(zip(idx, lerped))
+
+    p_live = [params[i] for i in live]
+    m_live = [exp_avgs[i] for i in live]
+    gp_live = [g_live[i] for i in live]
+    c_live = [coefficients[i] for i in live]
+    # A frozen tensor's g' is its momentum, so its m is unchanged and v moves toward m^2.
+    v_all = [exp_avg_sqs[i] for i in live + frozen]
+    gp_all = gp_live + [exp_avgs[i] for i in frozen]
+    decay = [1.0 - lr * weight_decay * c for c in c_live]
+    scale = [-step_size * c for c in c_live]
+
+    if foreach:
+        if m_live:
+            torch._foreach_lerp_(m_live, gp_live, 1.0 - beta1)
+        if v_all:
+            torch._foreach_mul_(v_all, beta2)
+            torch._foreach_addcmul_(v_all, gp_all, gp_all, 1.0 - beta2)
+        if p_live:
+            denom = torch._foreach_sqrt([exp_avg_sqs[i] for i in live])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(p_live, m_live, denom, scale)
+            if weight_decay != 0:
+                torch._foreach_mul_(p_live, decay)
+        return
+
+    for m, g in zip(m_live, gp_live):
+        m.lerp_(g, 1.0 - beta1)
+    for v, g in zip(v_all, gp_all):
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    for k, i in enumerate(live):
+        denom = exp_avg_sqs[i].sqrt().add_(eps)
+        params[i].addcdiv_(exp_avgs[i], denom, value=scale[k])
+        if weight_decay != 0:
+            params[i].mul_(decay[k])
+
+
+class RoseAdamW(torch.optim.Optimizer):
+    """AdamW with ROSE selection: eligible tensors judged unrobust are frozen for the step.
+
+    Construct it torch-style from *named* parameters, so eligibility can be decided by name::
+
+        opt = RoseAdamW(model.named_parameters(), lr=2e-5, betas=(0.9, 0.98), eps=1e-6,
+                        weight_decay=0.01, rose=RoseConfig(mode="ensemble", upper=70))
+
+    or from param groups whose ``params`` are ``(name, tensor)`` pairs, or tensors plus a
+    ``param_names`` list. One step (gradient accumulation 1)::
+
+        loss_task, loss_rob = rose_losses(model, inputs, labels)    # two dropout passes
+        loss_rob.backward(retain_graph=True); opt.capture_robust_grads(); opt.zero_grad()
+        loss_task.backward(); opt.step(); opt.zero_grad()
+
+    With ``N`` micro-batches per step, pass the robust loss itself, which takes its gradient with
+    ``torch.autograd.grad`` and leaves the accumulating task gradients in ``.grad`` alone::
+
+        for inputs, labels in micro_batches:
+            loss_task, loss_rob = rose_losses(model, inputs, labels)
+            opt.capture_robust_grads(loss_rob)    # sums over micro-batches
+            (loss_task / N).backward()
+        opt.step(); opt.zero_grad()
+
+    The update differs from ``torch.optim.AdamW`` as ROSE's reference (Hugging Face's former AdamW)
+    does: ``eps`` is added to ``sqrt(v)`` before bias correction, and weight decay is applied after
+    the Adam step, on the updated weights. Non-eligible tensors always get ``c = 1``.
+
+    Args:
+        params: Named parameters or param groups (see above).
+        lr: Learning rate.
+        betas: Adam's ``(beta1, beta2)``.
+        eps: Added to ``sqrt(v)``.
+        weight_decay: Decoupled weight decay, scaled by ``c``.
+        rose: The ROSE configuration; ``RoseConfig()`` when omitted.
+        foreach: Use torch's multi-tensor kernels (default True).
+
+    Attributes:
+        last_mask: ``{parameter name: c}`` of the eligible tensors at the last step.
+
+    Raises:
+        TypeError: when parameters come without names.
+        NoEligibleTensorError: when the eligibility rule selects no parameter (mode other than none).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        rose: RoseConfig | None = None,
+        foreach: bool = True,
+    ) -> None:
+        if not 0.0 <= lr:
+            raise ValueError(f"RoseAdamW lr={lr!r} is invalid: expected a number >= 0")
+        if not 0.0 <= eps:
+            raise ValueError(f"RoseAdamW eps={eps!r} is invalid: expected a number >= 0")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"RoseAdamW betas[{i}]={beta!r} is invalid: expected a number in [0, 1)")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"RoseAdamW weight_decay={weight_decay!r} is invalid: expected a number >= 0")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.rose = rose if rose is not None else RoseConfig()
+        self.foreach = foreach
+        names: list[str] = []
+        for group in self.param_groups:
+            if "param_names" not in group:
+                raise TypeError(
+                    "RoseAdamW needs parameter names to decide eligibility: pass model.named_parameters() "
+                    "or param groups with (name, tensor) pairs or a 'param_names' list"
+                )
+            names.extend(group["param_names"])
+        chosen = set(eligible_names(names, self.rose))
+        # Position of every eligible tensor in the score vector, by parameter.
+        self._eligible: dict[Tensor, int] = {}
+        self._eligible_names: list[str] = []
+        for group in self.param_groups:
+            for p, name in zip(group["params"], group["param_names"]):
+                if name in chosen:
+                    self._eligible[p] = len(self._eligible_names)
+                    self._eligible_names.append(name)
+        self.last_mask: dict[str, float] = {}
+        self._robust_sq: Tensor | None = None  # from capture_robust_grads() without a loss
+        self._robust_grads: list[Tensor | None] | None = None  # from capture_robust_grads(loss)
+
+    @property
+    def eligible_names(self) -> list[str]:
+        """Names of the tensors that take part in selection, in score-vector order."""
+        return list(self._eligible_names)
+
+    @property
+    def kept_fraction(self) -> float:
+        """Mean ``c`` over the eligible tensors at the last step (1.0 before the first)."""
+        return sum(self.last_mask.values()) / len(self.last_mask) if self.last_mask else 1.0
+
+    @torch.no_grad()
+    def capture_robust_grads(self, loss_rob: Tensor | None = None) -> None:
+        """Records the robust-loss gradient of the eligible tensors for first-order scoring.
+
+        Without an argument, reads ``.grad`` right after ``loss_rob.backward(retain_graph=True)``;
+        call ``zero_grad()`` afterwards. This form is for one micro-batch per step: ``.grad`` must
+        hold the robust gradient alone, so a second call before ``step()`` is refused.
+
+        With ``loss_rob``, takes its gradient with ``torch.autograd.grad`` (the graph is retained for
+        the task backward) and adds it to the step's running sum, so any number of micro-batches
+        accumulate while ``.grad`` keeps only task gradients.
+
+        A no-op in modes that do not use it (``none``, ``second``).
+        """
+        if not needs_robust_gradient(self.rose):
+            return
+        params = list(self._eligible)
+        if loss_rob is None:
+            if self._robust_sq is not None or self._robust_grads is not None:
+                raise RuntimeError(
+                    "capture_robust_grads() was called twice before step(): .grad then mixes task and robust "
+                    "gradients; with gradient accumulation pass the loss: capture_robust_grads(loss_rob)"
+                )
+            grads = [p.grad for p in params]
+            self._robust_sq = _squared_norms(grads)
+            return
+        if self._robust_sq is not None:
+            raise RuntimeError("capture_robust_grads(): do not mix the .grad form and the loss form in one step")
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss_rob, params, retain_graph=True, allow_unused=True)
+        if self._robust_grads is None:
+            self._robust_grads = list(grads)
+        else:
+            for i, g in enumerate(grads):
+                if g is None:
+                    continue
+                acc = self._robust_grads[i]
+                self._robust_grads[i] = g if acc is None else acc.add_(g)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Scores the eligible tensors, derives ``c`` and applies the masked AdamW update."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        t = self._global_step() + 1
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+        coefficients = self._select(t)
+        self.last_mask = dict(zip(self._eligible_names, coefficients.tolist()))
+
+        for group in self.param_groups:
+            entries = [(p, self.state[p]) for p in group["params"] if p.grad is not None]
+            for _, state in entries:
+                state["step"].fill_(t)
+            if not entries:
+                continue
+            beta1, beta2 = group["betas"]
+            masked_adamw_(
+                [p for p, _ in entries],
+                [p.grad for p, _ in entries],
+                [s["exp_avg"] for _, s in entries],
+                [s["exp_avg_sq"] for _, s in entries],
+                [float(coefficients[self._eligible[p]]) if p in self._eligible else 1.0 for p, _ in entries],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                step=t,
+                foreach=self.foreach,
+            )
+        self._robust_sq = None
+        self._robust_grads = None
+        return loss
+
+    def _global_step(self) -> int:
+        """Steps taken so far (the counter is global: frozen tensors advance it too)."""
+        for state in self.state.values():
+            if "step" in state:
+                return int(state["step"])
+        return 0
+
+    def _select(self, t: int) -> Tensor:
+        cfg = self.rose
+        n = len(self._eligible_names)
+        if not masking_active(cfg, t) or n == 0:
+            return mask_coefficients(cfg, t, n)
+        params = list(self._eligible)
+        robust_sq = grad_sq = momentum_sq = None
+        if needs_robust_gradient(cfg):
+            if self._robust_grads is not None:
+                robust_sq = _squared_norms(self._robust_grads)
+            elif self._robust_sq is not None:
+                robust_sq = self._robust_sq
+            else:
+                raise RuntimeError(
+                    f"RoseAdamW(mode={cfg.mode!r}) step {t}: no robust gradient was captured; call "
+                    "opt.capture_robust_grads() after loss_rob.backward(retain_graph=True), before step()"
+                )
+        if needs_second_order(cfg, t):
+            grad_sq = _squared_norms([p.grad for p in params])
+            momentum_sq = _squared_norms([self.state[p]["exp_avg"] for p in params])
+        return mask_coefficients(cfg, t, n, robust_sq, grad_sq, momentum_sq)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state plus ``rose``: the configuration and the last mask."""
+        sd = super().state_dict()
+        sd["rose"] = {"config": self.rose.to_dict(), "last_mask": dict(self.last_mask)}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores torch's optimizer state and the last mask (the configuration stays as constructed)."""
+        state_dict = dict(state_dict)
+        rose = state_dict.pop("rose", None)
+        super().load_state_dict(state_dict)
+        if rose is not None:
+            self.last_mask = dict(rose.get("last_mask", {}))
+
+
+def _squared_norms(tensors: Sequence[Tensor | None]) -> Tensor:
+    """float64 squared L2 norm of each tensor (on the CPU); a missing tensor (no gradient) counts as zero."""
+    out = torch.zeros(len(tensors), dtype=torch.float64)
+    present = [i for i, t in enumerate(tensors) if t is not None]
+    if present:
+        # fp32 accumulation even for bf16 tensors; one host transfer for the whole vector.
+        norms = torch._foreach_norm([tensors[i] for i in present], 2, dtype=torch.float32)
+        out[present] = torch.stack(norms).to(device="cpu", dtype=torch.float64) ** 2
+    return out

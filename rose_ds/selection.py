@@ -1,0 +1,153 @@
+"""ROSE selection as pure functions: eligibility, per-tensor scores, the quantile band, the ensemble.
+
+Nothing here knows about devices, processes or DeepSpeed. The score functions take *squared-norm
+statistics* (one float per eligible tensor), so a sharded caller can pass sums of squares over its
+shard fragments after an all-reduce and get exactly the dense answer.
+
+Conventions (see ``docs/algorithm.md``):
+
+* Scores are computed in float64.
+* A tensor whose momentum norm is zero has an infinite second-order score. Non-finite scores (inf,
+  and NaN from a NaN gradient) sort above every finite score when the quantiles are taken and are
+  never kept: such a tensor is frozen for the step.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from rose_ds.config import ELIGIBILITY_ALIASES, ELIGIBILITY_PRESETS, RoseConfig
+
+
+class NoEligibleTensorError(ValueError):
+    """The eligibility rule selects no parameter, so ROSE would silently do nothing."""
+
+
+def eligibility_matcher(config: RoseConfig) -> Callable[[str], bool]:
+    """Returns the predicate ``name -> eligible`` for the rule configured in ``config``."""
+    if config.eligibility_regex is not None:
+        pattern = re.compile(config.eligibility_regex)
+        return lambda name: pattern.search(name) is not None
+    regex = ELIGIBILITY_PRESETS[ELIGIBILITY_ALIASES.get(config.eligibility, config.eligibility)]
+    if regex is None:
+        return lambda name: "layer" in name and "weight" in name
+    pattern = re.compile(regex)
+    return lambda name: pattern.search(name) is not None
+
+
+def eligible_names(names: Sequence[str], config: RoseConfig) -> list[str]:
+    """The names, in order, that take part in selection.
+
+    Raises:
+        NoEligibleTensorError: when ``config.mode`` is not ``"none"`` and the rule selects nothing.
+    """
+    match = eligibility_matcher(config)
+    chosen = [name for name in names if match(name)]
+    if not chosen and config.mode != "none":
+        examples = ", ".join(repr(n) for n in list(names)[:3]) or "(no parameters)"
+        raise NoEligibleTensorError(
+            f"ROSE eligibility rule {config.eligibility_rule} selects no parameter (names look like "
+            f"{examples}); choose a matching preset with eligibility=... or set eligibility_regex"
+        )
+    return chosen
+
+
+def first_order_scores(robust_sq_norms: Tensor) -> Tensor:
+    """First-order scores ``||dL_rob/dW||_2`` from the squared norms of the robust gradient."""
+    return robust_sq_norms.to(torch.float64).clamp_min(0).sqrt()
+
+
+def second_order_scores(grad_sq_norms: Tensor, momentum_sq_norms: Tensor, coef: float = 0.1) -> Tensor:
+    """Second-order scores ``|coef * ||g_t|| / ||m_{t-1}|| - 1|``; infinite where the momentum is zero."""
+    g = grad_sq_norms.to(torch.float64).clamp_min(0).sqrt()
+    m = momentum_sq_norms.to(torch.float64).clamp_min(0).sqrt()
+    score = (coef * g / m - 1.0).abs()
+    return torch.where(m == 0, torch.full_like(score, float("inf")), score)
+
+
+def quantiles(scores: Tensor, qs: Sequence[float]) -> Tensor:
+    """Quantiles of a 1-D score vector with ``torch.quantile``'s default (linear) interpolation.
+
+    Equal to ``torch.quantile(scores, qs)`` for finite scores, bit for bit in float64. NaN sorts as
+    +inf, and two equal infinite neighbours give inf (where ``torch.quantile`` gives NaN).
+
+    Args:
+        scores: 1-D tensor, at least one element.
+        qs: Quantile levels in [0, 1].
+    """
+    s = torch.nan_to_num(scores.to(torch.float64), nan=float("inf")).sort().values
+    q = torch.tensor(list(qs), dtype=torch.float64)
+    ranks = q * (s.numel() - 1)
+    below = ranks.to(torch.long)
+    above = ranks.ceil().to(torch.long)
+    v_below, v_above = s[below], s[above]
+    mixed = torch.lerp(v_below, v_above, ranks - below)
+    return torch.where(v_below == v_above, v_below, mixed)
+
+
+def band_mask(scores: Tensor, lower: float, upper: float) -> Tensor:
+    """Boolean keep-mask: ``quantile(lower%) <= score <= quantile(upper%)`` and the score is finite."""
+    lo, hi = quantiles(scores, (lower / 100.0, upper / 100.0)).tolist()
+    s = scores.to(torch.float64)
+    return (s >= lo) & (s <= hi) & torch.isfinite(s)
+
+
+def mask_coefficients(
+    config: RoseConfig,
+    step: int,
+    num_tensors: int,
+    robust_sq_norms: Tensor | None = None,
+    grad_sq_norms: Tensor | None = None,
+    momentum_sq_norms: Tensor | None = None,
+) -> Tensor:
+    """The update coefficient ``c`` of every eligible tensor for optimizer step ``step`` (1-based).
+
+    Args:
+        config: The ROSE configuration.
+        step: The global optimizer step about to be taken, starting at 1.
+        num_tensors: Number of eligible tensors.
+        robust_sq_norms: Squared norms of the robust-loss gradient; needed when
+            :func:`needs_robust_gradient` says so.
+        grad_sq_norms: Squared norms of the task gradient as the optimizer sees it (unscaled,
+            clipped); needed when :func:`needs_second_order` says so.
+        momentum_sq_norms: Squared norms of Adam's first moment before this step; as ``grad_sq_norms``.
+
+    Returns:
+        float64 tensor of ``c`` in [0, 1] (0 frozen, 1 fully updated), one per eligible tensor.
+    """
+    ones = torch.ones(num_tensors, dtype=torch.float64)
+    if not masking_active(config, step) or num_tensors == 0:
+        return ones
+    m1 = m2 = ones
+    if needs_robust_gradient(config):
+        m1 = band_mask(first_order_scores(robust_sq_norms), config.lower, config.upper).to(torch.float64)
+    if needs_second_order(config, step):
+        scores = second_order_scores(grad_sq_norms, momentum_sq_norms, config.second_order_coef)
+        m2 = band_mask(scores, config.lower, config.upper).to(torch.float64)
+    if config.mode == "first":
+        return m1
+    if config.mode == "second":
+        return m2
+    return (1.0 - config.gamma) * m2 + config.gamma * m1
+
+
+def masking_active(config: RoseConfig, step: int) -> bool:
+    """Whether step ``step`` (1-based) is masked at all: a ROSE mode, and past the warm-up."""
+    return config.mode != "none" and step > config.warmup_steps
+
+
+def needs_robust_gradient(config: RoseConfig) -> bool:
+    """Whether the mode scores tensors from a robust-loss gradient (two dropout passes)."""
+    return config.mode in ("first", "ensemble")
+
+
+def needs_second_order(config: RoseConfig, step: int) -> bool:
+    """Whether step ``step`` needs task-gradient and momentum norms.
+
+    Not on step 1: no momentum exists yet, and the second-order mask is all ones then.
+    """
+    return config.mode in ("second", "ensemble") and step > 1 and masking_active(config, step)
