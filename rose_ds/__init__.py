@@ -7,6 +7,18 @@ from rose_ds.selection import NoEligibleTensorError
 
 __version__ = "0.1.0"
 
+# The DeepSpeed glue imports deepspeed (seconds); plain-PyTorch users do not pay for it.
+_ZERO_API = ("initialize", "train_step", "backward", "rose_optimizer", "decay_param_groups", "UnsupportedConfigError")
+
+
+def __getattr__(name):
+    if name in _ZERO_API:
+        from rose_ds import zero
+
+        return getattr(zero, name)
+    raise AttributeError(f"module 'rose_ds' has no attribute {name!r}")
+
+
 __all__ = [
     "NoEligibleTensorError",
     "RoseAdamW",
@@ -17,4 +29,5 @@ __all__ = [
     "robust_loss",
     "rose_losses",
     "task_loss",
+    *_ZERO_API,
 ]

@@ -64,12 +64,14 @@ def rose_losses(model: Any, inputs: Mapping[str, Tensor], labels: Tensor, *, two
         ValueError: when the model is in eval mode with ``two_passes`` (dropout would be off, the
             passes identical and the robust gradient zero).
     """
-    z1 = model(**inputs).logits
     if not two_passes:
+        z1 = model(**inputs).logits
         return RoseLosses(task_loss(z1, labels), None, z1, None)
     if not getattr(model, "training", True):
         raise ValueError("rose_losses: the model is in eval mode; call model.train() so the two dropout passes differ")
-    z2 = model(**inputs).logits
+    # Two separate forward calls, not one over the batch stacked twice: under ZeRO-3 a second
+    # backward through one stacked forward finds its parameters already released.
+    z1, z2 = model(**inputs).logits, model(**inputs).logits
     task = 0.5 * task_loss(z1, labels) + 0.5 * task_loss(z2, labels)
     return RoseLosses(task, robust_loss(z1, z2), z1, z2)
 

@@ -258,14 +258,17 @@ class RoseAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        t = self._global_step() + 1
         for group in self.param_groups:
             for p in group["params"]:
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self._init_state(p)
+        binding = getattr(self, "_binding", None)
+        if getattr(self, "_await_binding", False):
+            return loss  # DeepSpeed's initialisation step (zero gradients): state only
+        if binding is not None and binding.flat:
+            binding.client_step()  # ZeRO 1-3: flat partitions, see rose_ds.zero
+            return loss
+
+        t = self._global_step() + 1
 
         coefficients = self._select(t)
         self.last_mask = dict(zip(self._eligible_names, coefficients.tolist()))
@@ -294,6 +297,13 @@ class RoseAdamW(torch.optim.Optimizer):
         self._robust_sq = None
         self._robust_grads = None
         return loss
+
+    def _init_state(self, p: Tensor) -> None:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _global_step(self) -> int:
         """Steps taken so far (the counter is global: frozen tensors advance it too)."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_batch, tiny_bert
+from models import random_batch, tiny_bert
 from reference import reference_losses
 
 from rose_ds import robust_loss, rose_losses

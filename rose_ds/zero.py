@@ -1,0 +1,508 @@
+"""RoseAdamW on DeepSpeed: the only module that touches DeepSpeed internals.
+
+What each ZeRO stage hands the client optimizer, and what this module does about it (see
+``docs/zero.md`` for the full design note and the list of private attributes):
+
+* Stage 0: the client sees whole tensors with already-averaged, clipped gradients (fp32), or fp32
+  master copies of them (bf16/fp16 through ``FP16_UnfusedOptimizer``). Every rank holds the full
+  reduced gradient, so every rank computes the same statistics with no communication; RoseAdamW's
+  dense path runs unchanged.
+* Stages 1-3: the client sees one flat fp32 partition per param group (stage 3: per sub-group)
+  and is called once per partition. Each partition is cut into *segments*, the fragments of model
+  tensors that this rank owns. Statistics are sums of squares over local segments, all-reduced over
+  ZeRO's partition group in one call of ``3 x #eligible`` float64 values; every rank then derives
+  the same mask. The update of all partitions is deferred to the last client call of the engine
+  step (the mask needs every partition's clipped gradient), after which the fp32 -> model-dtype
+  copy that DeepSpeed already made for the earlier partitions is redone.
+* The robust-loss gradient is reduced by DeepSpeed itself: ``engine.backward(L_rob)`` runs before
+  ``engine.backward(L_task)``, its reduced partition is read, and the stores DeepSpeed accumulates
+  into are swapped (or, at stage 3, snapshotted) so the task gradient is never mixed with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import deepspeed.comm as dist
+import torch
+from deepspeed.accelerator import get_accelerator
+from torch import Tensor, nn
+
+from rose_ds.config import RoseConfig
+from rose_ds.losses import RoseLosses, rose_losses
+from rose_ds.optim import RoseAdamW, masked_adamw_
+from rose_ds.selection import mask_coefficients, masking_active, needs_robust_gradient, needs_second_order
+
+
+class UnsupportedConfigError(ValueError):
+    """A DeepSpeed configuration under which ROSE cannot select exactly (one line, with the fix)."""
+
+
+def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two named param groups as Hugging Face's Trainer makes them: decay on weights, none on biases
+    and normalisation weights (any module whose class name contains ``Norm``)."""
+    no_decay: set[str] = set()
+    for module_name, module in model.named_modules():
+        if "Norm" in type(module).__name__:
+            no_decay.update(
+                f"{module_name}.{n}" if module_name else n for n, _ in module.named_parameters(recurse=False)
+            )
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {
+            "params": [(n, p) for n, p in named if n not in no_decay and not n.endswith("bias")],
+            "weight_decay": weight_decay,
+        },
+        {"params": [(n, p) for n, p in named if n in no_decay or n.endswith("bias")], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def initialize(
+    model: nn.Module,
+    config: str | Path | Mapping[str, Any],
+    *,
+    rose: RoseConfig | None = None,
+    lr: float = 2e-5,
+    betas: tuple[float, float] = (0.9, 0.98),
+    eps: float = 1e-6,
+    weight_decay: float = 0.01,
+    param_groups: Iterable[dict[str, Any]] | None = None,
+    **deepspeed_kwargs: Any,
+):
+    """``deepspeed.initialize`` with RoseAdamW installed as the client optimizer.
+
+    Sets ``zero_allow_untested_optimizer`` (and ``zero_force_ds_cpu_optimizer: false`` under
+    optimizer offload), builds the optimizer from ``model.named_parameters()`` (weight decay on
+    weights, none on biases and norms, unless ``param_groups`` is given) and binds it to the
+    engine's ZeRO partitions.
+
+    Args:
+        model: The model (a ``torch.nn.Module``).
+        config: DeepSpeed config: a JSON path or a dict. It must not define an ``optimizer``.
+        rose: The ROSE configuration.
+        lr, betas, eps, weight_decay: RoseAdamW hyper-parameters.
+        param_groups: Optional named param groups (``(name, tensor)`` pairs) instead of the default two.
+        **deepspeed_kwargs: Passed to ``deepspeed.initialize`` (``lr_scheduler``, ``training_data``, ...).
+
+    Returns:
+        ``(engine, optimizer, training_dataloader, lr_scheduler)`` as ``deepspeed.initialize``.
+
+    Raises:
+        UnsupportedConfigError: for a configuration ROSE cannot run exactly (one line with the fix).
+    """
+    ds_config = _load_config(config)
+    if "optimizer" in ds_config:
+        raise UnsupportedConfigError(
+            "the DeepSpeed config defines an 'optimizer'; remove it: rose_ds installs RoseAdamW as the optimizer"
+        )
+    _check_config(ds_config)
+    ds_config["zero_allow_untested_optimizer"] = True
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}) or {}
+    if offload.get("device", "none") not in (None, "none"):
+        ds_config["zero_force_ds_cpu_optimizer"] = False
+    groups = list(param_groups) if param_groups is not None else decay_param_groups(model, weight_decay)
+    optimizer = RoseAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rose=rose)
+    # FP16_UnfusedOptimizer (stage 0, bf16/fp16) calls step() once inside initialize with zero
+    # gradients; until bound, step() only creates the state.
+    optimizer._await_binding = True
+    engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config, **deepspeed_kwargs
+    )
+    ZeroBinding(engine, optimizer)
+    return engine, ds_optimizer, loader, scheduler
+
+
+def rose_optimizer(engine) -> RoseAdamW:
+    """The RoseAdamW inside a DeepSpeed engine made by :func:`initialize`."""
+    opt = getattr(engine, "basic_optimizer", None)
+    if not isinstance(opt, RoseAdamW) or getattr(opt, "_binding", None) is None:
+        raise TypeError(
+            "this engine has no bound RoseAdamW; create it with rose_ds.initialize(model, config, rose=...)"
+        )
+    return opt
+
+
+def backward(engine, losses: RoseLosses) -> None:
+    """The robust backward and its capture (when the step is masked by a first-order mode), then
+    ``engine.backward(losses.task)``. Call once per micro-batch, then ``engine.step()``."""
+    binding = rose_optimizer(engine)._binding
+    if losses.robust is not None and binding.wants_robust():
+        binding.robust_backward(losses.robust)
+    engine.backward(losses.task)
+
+
+def train_step(
+    engine,
+    inputs: Mapping[str, Tensor],
+    labels: Tensor,
+    loss_fn: Callable[..., RoseLosses] = rose_losses,
+) -> RoseLosses:
+    """One micro-batch of ROSE training: the dropout passes, the robust backward and capture, the
+    task backward and ``engine.step()`` (which steps the optimizer at accumulation boundaries).
+
+    Args:
+        engine: An engine from :func:`initialize`.
+        inputs: Model keyword inputs (no labels).
+        labels: Targets.
+        loss_fn: ``(model, inputs, labels, two_passes=...) -> RoseLosses``; :func:`rose_losses` by default.
+    """
+    opt = rose_optimizer(engine)
+    losses = loss_fn(engine, inputs, labels, two_passes=needs_robust_gradient(opt.rose))
+    backward(engine, losses)
+    engine.step()
+    return losses
+
+
+def _load_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(config, Mapping):
+        return copy.deepcopy(dict(config))
+    path = Path(config)
+    if not path.is_file():
+        raise UnsupportedConfigError(f"DeepSpeed config {str(path)!r} does not exist; pass a JSON file path or a dict")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UnsupportedConfigError(f"DeepSpeed config {str(path)!r} is not valid JSON: {err}") from None
+
+
+def _check_config(cfg: Mapping[str, Any]) -> None:
+    zero = cfg.get("zero_optimization", {}) or {}
+    for key in ("offload_optimizer", "offload_param"):
+        if ((zero.get(key) or {}).get("device") or "none") == "nvme":
+            raise UnsupportedConfigError(
+                f"zero_optimization.{key}.device='nvme' is not supported by rose_ds (optimizer state is swapped "
+                "out of reach of the selection); use 'cpu' or 'none'"
+            )
+    if zero.get("round_robin_gradients"):
+        raise UnsupportedConfigError(
+            "zero_optimization.round_robin_gradients=true reorders the flat partitions that rose_ds maps to "
+            "tensors; set it to false"
+        )
+    if (zero.get("zero_hpz_partition_size") or 1) > 1 or zero.get("mics_shard_size", -1) > 0:
+        raise UnsupportedConfigError(
+            "ZeRO++ hpZ and MiCS partition groups are not supported by rose_ds; remove zero_hpz_partition_size / "
+            "mics_shard_size"
+        )
+
+
+class ZeroBinding:
+    """Connects a RoseAdamW to the partitions of one DeepSpeed engine (see the module docstring)."""
+
+    def __init__(self, engine, opt: RoseAdamW) -> None:
+        from deepspeed.runtime.pipe.engine import PipelineEngine
+
+        if isinstance(engine, PipelineEngine):
+            raise UnsupportedConfigError(
+                "pipeline-parallel engines are not supported by rose_ds; use ZeRO data parallel"
+            )
+        self.engine = engine
+        self.opt = opt
+        self.zo = engine.optimizer
+        self.stage = engine.zero_optimization_stage()
+        self.loss_scaled = bool(engine.fp16_enabled())
+        names = {p: n for n, p in engine.module.named_parameters()}
+        index = {n: i for i, n in enumerate(opt.eligible_names)}
+        self._index_of = {p: index[n] for p, n in names.items() if n in index}
+        self._model_params = [p for p in engine.module.parameters() if p.requires_grad]
+        self._robust_sq: Tensor | None = None  # this rank's partial robust sums of squares
+        self._robust_store: dict[Any, Any] = {}  # accumulated robust gradient between micro-batches
+        self._micro = 0  # micro-batches seen in the current accumulation window
+        self._stash: list[tuple[dict[str, Any], list[Tensor], list[Tensor | None]]] = []
+        self.flat = self.stage > 0
+        if self.stage == 0:
+            self._bind_stage0()
+        elif self.stage in (1, 2):
+            self._bind_stage12()
+        else:
+            self._bind_stage3()
+        opt._binding = self
+        opt._await_binding = False
+
+    # ------------------------------------------------------------------ binding
+    def _bind_stage0(self) -> None:
+        self.group = None  # full reduced gradients on every rank: nothing to all-reduce
+        if self.zo is self.opt:
+            return
+        if not hasattr(self.zo, "fp32_groups") or not hasattr(self.zo, "fp16_groups"):
+            raise UnsupportedConfigError(
+                f"ZeRO stage 0 with {type(self.zo).__name__} is not supported by rose_ds; use fp32, or bf16/fp16 "
+                "with zero_optimization.stage >= 1"
+            )
+        # The client steps fp32 master copies, not the model's tensors: key eligibility by the copies.
+        eligible: dict[Tensor, int] = {}
+        for lp_group, hp_group in zip(self.zo.fp16_groups, self.zo.fp32_groups, strict=True):
+            for lp, hp in zip(lp_group, hp_group, strict=True):
+                if lp in self._index_of:
+                    eligible[hp] = self._index_of[lp]
+        self.opt._eligible = eligible
+
+    def _bind_stage12(self) -> None:
+        zo = self.zo
+        if type(zo).__name__ != "DeepSpeedZeroOptimizer":
+            raise UnsupportedConfigError(
+                f"{type(zo).__name__} is not supported by rose_ds; for bf16 at stage 1 set "
+                "data_types.grad_accum_dtype to 'bf16' or use stage 2"
+            )
+        self.offload = bool(zo.cpu_offload)
+        self.group = zo.dp_process_group
+        self._flats: list[Tensor] = list(zo.single_partition_of_fp32_groups)
+        self._segments: dict[int, list[tuple[int, int, int]]] = {}
+        for i, lps in enumerate(zo.bit16_groups):
+            if _ranks(zo.real_dp_process_group[i]) != _ranks(zo.dp_process_group):
+                raise UnsupportedConfigError("expert-parallel (MoE) param groups are not supported by rose_ds")
+            segments = []
+            for lp in lps:
+                frag = lp._hp_mapping  # tensor_fragment: where lp's elements sit in this rank's partition
+                if frag is None:
+                    continue
+                segments.append(
+                    (frag.hp_fragment_address.start, frag.hp_fragment_address.numel, self._index_of.get(lp, -1))
+                )
+            self._segments[id(self._flats[i])] = sorted(segments)
+
+    def _bind_stage3(self) -> None:
+        zo = self.zo
+        self.offload = bool(zo.offload_optimizer)
+        self.group = zo.dp_process_group
+        rank = dist.get_rank(group=self.group)
+        self._flats = list(zo.fp32_partitioned_groups_flat)
+        self._segments = {}
+        self._buffer_segments: list[tuple[int, int, int]] = []  # in grad_partitions_flat_buffer
+        base = 0
+        for sg, params in enumerate(zo.fp16_groups):
+            if _ranks(zo.sub_group_process_groups[sg]) != _ranks(zo.dp_process_group):
+                raise UnsupportedConfigError(
+                    "ZeRO-3 partition groups other than the data-parallel group are not supported"
+                )
+            segments, offset = [], 0
+            for p in params:
+                per_rank = p.ds_tensor.ds_numel  # each rank holds ceil(numel / world) elements, tail-padded
+                valid = max(0, min(per_rank, p.ds_numel - rank * per_rank))
+                segments.append((offset, valid, self._index_of.get(p, -1)))
+                self._buffer_segments.append((base + offset, valid, self._index_of.get(p, -1)))
+                offset += per_rank
+            self._segments[id(self._flats[sg])] = segments
+            base += offset
+
+    # ------------------------------------------------------------------ robust gradient
+    def wants_robust(self) -> bool:
+        """Whether the coming optimizer step scores tensors with a robust gradient."""
+        return needs_robust_gradient(self.opt.rose) and masking_active(self.opt.rose, self.opt._global_step() + 1)
+
+    def robust_backward(self, loss_rob: Tensor) -> None:
+        """``engine.backward(loss_rob)`` with the task gradient accumulated so far kept out of it.
+
+        At the accumulation boundary the reduced robust gradient (of the whole accumulated batch)
+        is turned into this rank's partial sums of squares; before it, it is kept in a store that
+        DeepSpeed accumulates into exactly as it does for the task gradient.
+        """
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if self.stage == 3:
+            self._stage3_robust_backward(loss_rob, boundary)
+            return
+        task = self._swap_stores(self._robust_store)
+        if self._micro == 0 and "offload" in task:
+            # A new window starts from zero. DeepSpeed's CPU accumulators still hold the previous
+            # step's gradient, which the task backward (the second in this micro step, so an
+            # accumulating one) would otherwise add.
+            task["offload"] = {}
+        self._micro = 0 if boundary else self._micro + 1
+        self.engine.backward(loss_rob, retain_graph=True)
+        if boundary:
+            self._set_robust_statistics(self._reduced_robust_fragments())
+            if self.stage in (1, 2) and not self.offload:
+                # The task backward must build its own reduced partition, not add into this one.
+                for i in range(len(self.zo.bit16_groups)):
+                    self.zo.averaged_gradients[i] = None
+        robust = self._swap_stores(task)
+        self._robust_store = {} if boundary else robust
+
+    def _swap_stores(self, store: dict[Any, Any]) -> dict[Any, Any]:
+        """Puts ``store`` where DeepSpeed accumulates gradients and returns what was there.
+
+        Stages 0 and 1 keep un-reduced gradients in ``p.grad`` until the boundary; stage 2 keeps
+        reduced partitions in ``all_grad_tensors``; offload keeps ``accumulated_grads_in_cpu``.
+        Only references move: nothing is copied.
+        """
+        previous: dict[Any, Any] = {}
+        if self.stage in (0, 1):
+            for p in self._model_params:
+                previous[p] = p.grad
+                p.grad = store.get(p)
+        if self.stage in (1, 2) and self.offload:
+            previous["offload"] = self.zo.accumulated_grads_in_cpu
+            self.zo.accumulated_grads_in_cpu = store.get("offload", {})
+        elif self.stage == 2:
+            for i in range(len(self.zo.bit16_groups)):
+                previous[i] = self.zo.all_grad_tensors.get(i)
+                self.zo.all_grad_tensors[i] = store.get(i)
+        return previous
+
+    def _stage3_robust_backward(self, loss_rob: Tensor, boundary: bool) -> None:
+        """Stage 3 reduces every backward into one flat buffer (copy at micro step 0, add after): the
+        task part is snapshotted and put back, the difference is the robust gradient."""
+        buffer = self.zo.grad_partitions_flat_buffer  # all local gradient partitions, flat order
+        snapshot = None if self.zo.micro_step_id == 0 else buffer.clone()
+        self.engine.backward(loss_rob, retain_graph=True)
+        if snapshot is None and boundary and not self._robust_store:
+            robust = buffer  # accumulation 1: read in place; the task backward overwrites it next
+        else:
+            delta = buffer if snapshot is None else buffer - snapshot
+            robust = self._robust_store.get("grads")
+            robust = delta.clone() if robust is None else robust.add_(delta)
+            if snapshot is not None:
+                buffer.copy_(snapshot)
+        if boundary:
+            self._set_robust_statistics(
+                [(idx, robust.narrow(0, start, numel)) for start, numel, idx in self._buffer_segments if idx >= 0]
+            )
+            self._robust_store = {}
+        else:
+            self._robust_store = {"grads": robust}
+
+    def _reduced_robust_fragments(self) -> list[tuple[int, Tensor]]:
+        """(eligible index, this rank's fragment of the reduced robust gradient), stages 0-2."""
+        if self.stage == 0:
+            return [(i, p.grad) for p, i in self._index_of.items() if p.grad is not None]
+        if not self.offload:
+            return [
+                (self._index_of[lp], g)
+                for i in range(len(self.zo.bit16_groups))
+                for lp, g in zip(self.zo.params_in_partition[i], self.zo.averaged_gradients[i])
+                if lp in self._index_of
+            ]
+        # offload: the boundary copies the reduced partition into the flat .grad buffer
+        return [
+            (idx, flat.grad.narrow(0, start, numel))
+            for flat in self._flats
+            for start, numel, idx in self._segments[id(flat)]
+            if idx >= 0
+        ]
+
+    def _set_robust_statistics(self, fragments: list[tuple[int, Tensor]]) -> None:
+        sq = _index_sum_of_squares(fragments, len(self.opt.eligible_names))
+        if self.loss_scaled:  # fp16: gradients are still multiplied by the loss scale here
+            sq /= float(self.zo.loss_scale) ** 2
+        if self.stage == 0:
+            self.opt._robust_sq = sq  # the dense path of RoseAdamW.step() reads it
+        else:
+            self._robust_sq = sq
+
+    # ------------------------------------------------------------------ client step (stages 1-3)
+    def client_step(self) -> None:
+        """Called from RoseAdamW.step() for each partition; acts at the last one of the engine step."""
+        opt = self.opt
+        for group in opt.param_groups:
+            for flat in group["params"]:
+                # State exists from the first call on: DeepSpeed links its fragments right after it.
+                opt._init_state(flat)
+                self._stash.append((group, [flat], [flat.grad]))
+        if len(self._stash) < len(self._flats):
+            return
+        stash, self._stash = self._stash, []
+        flats = [f for _, fs, _ in stash for f in fs]
+        t = int(max(float(opt.state[f]["step"]) for f in flats)) + 1
+        coefficients = self._coefficients(t, stash)
+        opt.last_mask = dict(zip(opt.eligible_names, coefficients.tolist()))
+        c_list = coefficients.tolist()
+        for group, fs, grads in stash:
+            for flat, grad in zip(fs, grads):
+                state = opt.state[flat]
+                state["step"].fill_(t)
+                runs = _runs(self._segments[id(flat)], c_list)
+                if not runs or grad is None:
+                    continue
+                beta1, beta2 = group["betas"]
+                views = [(start, numel) for start, numel, _ in runs]
+                masked_adamw_(
+                    [flat.narrow(0, s, n) for s, n in views],
+                    [grad.narrow(0, s, n) for s, n in views],
+                    [state["exp_avg"].narrow(0, s, n) for s, n in views],
+                    [state["exp_avg_sq"].narrow(0, s, n) for s, n in views],
+                    [c for _, _, c in runs],
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    step=t,
+                    foreach=opt.foreach,
+                )
+        # DeepSpeed already copied the earlier partitions to the model dtype (before we updated them).
+        for flat in flats[:-1]:
+            self._recopy_to_model(flat)
+        self._robust_sq = None
+
+    def _coefficients(self, t: int, stash) -> Tensor:
+        cfg, n = self.opt.rose, len(self.opt.eligible_names)
+        if not masking_active(cfg, t) or n == 0:
+            return mask_coefficients(cfg, t, n)
+        robust_needed, second = needs_robust_gradient(cfg), needs_second_order(cfg, t)
+        if robust_needed and self._robust_sq is None:
+            raise RuntimeError(
+                f"RoseAdamW(mode={cfg.mode!r}) step {t}: no robust gradient was captured; use "
+                "rose_ds.train_step(engine, ...) or rose_ds.backward(engine, losses) before engine.step()"
+            )
+        device = get_accelerator().current_device_name()
+        stats = torch.zeros(3, n, dtype=torch.float64, device=device)
+        if robust_needed:
+            stats[0] = self._robust_sq.to(device)
+        if second:
+            grads, moms = [], []
+            for _, fs, gs in stash:
+                for flat, grad in zip(fs, gs):
+                    for start, numel, idx in self._segments[id(flat)]:
+                        if idx >= 0:
+                            grads.append((idx, grad.narrow(0, start, numel)))
+                            moms.append((idx, self.opt.state[flat]["exp_avg"].narrow(0, start, numel)))
+            stats[1] = _index_sum_of_squares(grads, n).to(device)
+            stats[2] = _index_sum_of_squares(moms, n).to(device)
+        # The only communication selection adds: 3 x #eligible float64 values.
+        dist.all_reduce(stats, group=self.group)
+        stats = stats.cpu()
+        return mask_coefficients(cfg, t, n, stats[0], stats[1], stats[2])
+
+    def _recopy_to_model(self, flat: Tensor) -> None:
+        zo = self.zo
+        i = next(k for k, f in enumerate(self._flats) if f is flat)
+        if self.stage in (1, 2):
+            rank = dist.get_rank(group=zo.real_dp_process_group[i])
+            zo.parallel_partitioned_bit16_groups[i][rank].data.copy_(flat.data)
+        else:
+            zo._reassign_or_swap_out_partitioned_parameters(i)
+
+
+def _ranks(group) -> list[int]:
+    # (deepspeed.comm.get_all_ranks_from_group loops forever on torch 2.13: it waits for an exception)
+    return [dist.get_global_rank(group, r) for r in range(dist.get_world_size(group=group))]
+
+
+def _runs(segments: list[tuple[int, int, int]], c: list[float]) -> list[tuple[int, int, float]]:
+    """Contiguous segments with equal ``c`` merged into one view each (fewer kernel launches)."""
+    runs: list[list] = []
+    for start, numel, idx in segments:
+        if numel == 0:
+            continue
+        value = c[idx] if idx >= 0 else 1.0
+        if runs and runs[-1][0] + runs[-1][1] == start and runs[-1][2] == value:
+            runs[-1][1] += numel
+        else:
+            runs.append([start, numel, value])
+    return [tuple(r) for r in runs]
+
+
+def _index_sum_of_squares(pairs: list[tuple[int, Tensor]], n: int) -> Tensor:
+    """float64 vector of length n: sum of squared L2 norms of the tensors listed under each index."""
+    out = torch.zeros(n, dtype=torch.float64)
+    pairs = [(i, t) for i, t in pairs if t.numel() > 0]
+    if pairs:
+        norms = torch._foreach_norm([t for _, t in pairs], 2, dtype=torch.float32)
+        values = torch.stack(norms).to(device="cpu", dtype=torch.float64) ** 2
+        out.index_add_(0, torch.tensor([i for i, _ in pairs], dtype=torch.long), values)
+    return out

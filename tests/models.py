@@ -1,0 +1,45 @@
+"""Small models and batches shared by the in-process tests and the distributed workers."""
+
+import torch
+
+
+def tiny_bert(dropout: float = 0.1, seed: int = 0, num_labels: int = 2, hidden: int = 32):
+    """A 2-layer BERT classifier with random weights (no download), 16 eligible tensors."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=hidden + hidden // 2,
+        max_position_embeddings=32,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        num_labels=num_labels,
+    )
+    model = BertForSequenceClassification(cfg)
+    # The key bias's gradient is exactly zero in exact arithmetic (softmax is shift-invariant), so in
+    # floating point it is rounding noise that Adam scales up to lr-sized steps: two correct
+    # implementations then diverge on it. Freezing it also exercises parameters without .grad.
+    for layer in model.bert.encoder.layer:
+        layer.attention.self.key.bias.requires_grad_(False)
+    model.train()
+    return model
+
+
+def random_batch(step: int, batch_size: int = 8, seq_len: int = 12, num_labels: int = 2):
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(1, 64, (batch_size, seq_len), generator=g)
+    mask = torch.ones_like(ids)
+    labels = torch.randint(0, num_labels, (batch_size,), generator=g)
+    return {"input_ids": ids, "attention_mask": mask}, labels
+
+
+def decay_groups(model):
+    """Two groups as fine-tuning recipes make them: decay on weights, none on biases and LayerNorm."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if ("bias" in name or "LayerNorm" in name) else decay).append(name)
+    return decay, no_decay

@@ -1,0 +1,214 @@
+"""ROSE on DeepSpeed ZeRO 0-3 against the dense single-process RoseAdamW, as real multi-process jobs.
+
+One torchrun launch per world size runs every case of that world size (tests/dist/worker.py); each
+test then compares one case's per-rank masks and consolidated fp32 weights with a dense run of
+RoseAdamW on the same global batches.
+"""
+
+import functools
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from models import random_batch, tiny_bert
+
+from rose_ds import RoseAdamW, RoseConfig
+from rose_ds.zero import decay_param_groups
+
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from worker import BETAS, EPS, LR, WD, stand_in_losses  # noqa: E402
+
+WORKER = Path(__file__).parent / "dist" / "worker.py"
+MODES = ["none", "first", "second", "ensemble"]
+ROSE = {m: {"mode": m, "upper": 70} for m in MODES}
+STEPS = 5
+
+
+def _case(name, **kw):
+    case = {"name": name, "gas": 1, "micro_bs": 4, "steps": STEPS, "rose": ROSE["ensemble"]}
+    case.update(kw)
+    return case
+
+
+def parity_cases(world):
+    return [
+        _case(f"w{world}-s{stage}-{mode}-gas{gas}", stage=stage, gas=gas, rose=ROSE[mode])
+        for stage, mode, gas in itertools.product(range(4), MODES, (1, 2))
+    ]
+
+
+EXTRA_CASES = {
+    2: [
+        *[_case(f"offload-s{s}-gas{g}", stage=s, gas=g, offload=True) for s in (1, 2, 3) for g in (1, 2)],
+        *[_case(f"clip-s{s}", stage=s, clip=0.05) for s in range(4)],
+        _case("subgroups-s3", stage=3, sub_group_size=100),
+        *[_case(f"bf16-s{s}", stage=s, dtype="bf16") for s in range(4)],
+        *[_case(f"dropout-s{s}", stage=s, loss="rose", dropout=0.1) for s in range(4)],
+    ],
+}
+TRAFFIC = [(w, s, m, h) for w in (1, 2, 3) for s in (2, 3) for m in ("none", "second", "first") for h in (32, 64)]
+for w, s, m, h in TRAFFIC:
+    EXTRA_CASES.setdefault(w, []).append(_case(f"traffic-w{w}-s{s}-{m}-h{h}", stage=s, rose=ROSE[m], hidden=h, steps=3))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@functools.cache
+def launch(world: int, root: str) -> Path:
+    """Runs all cases of one world size in one torchrun job; returns the output directory."""
+    out = Path(root) / f"world{world}"
+    out.mkdir(parents=True, exist_ok=True)
+    cases = parity_cases(world) + EXTRA_CASES.get(world, [])
+    (out / "cases.json").write_text(json.dumps(cases))
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(world),
+        "--master_port",
+        str(_free_port()),
+        str(WORKER),
+        str(out / "cases.json"),
+        str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    (out / "log.txt").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        errors = sorted(out.glob("*/error*.txt"))
+        detail = errors[0].read_text() if errors else proc.stderr[-3000:]
+        raise RuntimeError(f"worker failed ({errors[0].parent.name if errors else 'launch'}): {detail}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("zero"))
+
+    def get(world, name):
+        case_dir = launch(world, root) / name
+        ranks = [json.loads((case_dir / f"rank{r}.json").read_text()) for r in range(world)]
+        return ranks, torch.load(case_dir / "weights.pt")
+
+    return get
+
+
+def dense_run(case, world):
+    """The single-process RoseAdamW on the same global batches (what every ZeRO run must equal)."""
+    model = tiny_bert(dropout=0.0, seed=case.get("seed", 0), hidden=case.get("hidden", 32))
+    rose = RoseConfig(**case["rose"])
+    opt = RoseAdamW(decay_param_groups(model, WD), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, rose=rose)
+    two = rose.mode in ("first", "ensemble")
+    masks = []
+    for step in range(case["steps"]):
+        inputs, labels = random_batch(step, batch_size=world * case["gas"] * case["micro_bs"])
+        losses = stand_in_losses(model, inputs, labels, two_passes=two)
+        if two:
+            opt.capture_robust_grads(losses.robust)
+        losses.task.backward()
+        if case.get("clip"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), case["clip"])
+        opt.step()
+        opt.zero_grad()
+        masks.append(dict(opt.last_mask))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return masks, weights
+
+
+def assert_matches_dense(case, world, results, weight_rtol=1e-5):
+    ranks, weights = results(world, case["name"])
+    for r, record in enumerate(ranks):
+        assert record["masks"] == ranks[0]["masks"], f"rank {r} selected differently from rank 0"
+    masks, dense = dense_run(case, world)
+    for step, (got, want) in enumerate(zip(ranks[0]["masks"], masks, strict=True)):
+        assert got == want, f"step {step + 1}: mask differs from the dense run"
+    a = torch.cat([weights[n].reshape(-1) for n in dense])
+    b = torch.cat([dense[n].reshape(-1) for n in dense])
+    err = ((a - b).norm() / b.norm()).item()
+    assert err <= weight_rtol, f"consolidated weights differ from the dense run by {err:.2e} (relative)"
+    return masks
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("gas", [1, 2])
+def test_parity_with_dense(results, world, stage, mode, gas):
+    case = next(c for c in parity_cases(world) if c["name"] == f"w{world}-s{stage}-{mode}-gas{gas}")
+    masks = assert_matches_dense(case, world, results)
+    values = {v for m in masks for v in m.values()}
+    assert values == {1.0} if mode == "none" else values != {1.0}
+
+
+@pytest.mark.parametrize(
+    "name", [c["name"] for c in EXTRA_CASES[2] if c["name"].startswith(("offload", "clip", "sub"))]
+)
+def test_offload_clipping_and_subgroups(results, name):
+    case = next(c for c in EXTRA_CASES[2] if c["name"] == name)
+    assert_matches_dense(case, 2, results)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_bf16_runs_with_identical_masks_on_every_rank(results, stage):
+    case = next(c for c in EXTRA_CASES[2] if c["name"] == f"bf16-s{stage}")
+    ranks, weights = results(2, case["name"])
+    assert ranks[0]["masks"] == ranks[1]["masks"]
+    assert any(v < 1 for m in ranks[0]["masks"] for v in m.values())
+    assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in ranks)
+    # bf16 forward/backward: close to the fp32 dense run, not equal
+    _, dense = dense_run(case, 2)
+    a = torch.cat([weights[n].reshape(-1) for n in dense])
+    b = torch.cat([dense[n].reshape(-1) for n in dense])
+    assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_real_dropout_passes_select_identically_on_every_rank(results, stage):
+    ranks, _ = results(2, f"dropout-s{stage}")
+    assert ranks[0]["masks"] == ranks[1]["masks"]
+    assert {v for m in ranks[0]["masks"] for v in m.values()} >= {0.5, 1.0}
+
+
+def _bytes(results, world, stage, mode, hidden, phase):
+    ranks, _ = results(world, f"traffic-w{world}-s{stage}-{mode}-h{hidden}")
+    per_step = [b.get(phase, 0) for b in ranks[0]["bytes"]]
+    assert len(set(per_step)) == 1, f"bytes vary between steps: {per_step}"
+    return per_step[0], ranks[0]["num_eligible"], ranks[0]["numel"]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("stage", [2, 3])
+def test_selection_traffic_is_three_floats_per_eligible_tensor(results, world, stage):
+    for hidden in (32, 64):
+        none, n_elig, numel = _bytes(results, world, stage, "none", hidden, "step")
+        second, _, _ = _bytes(results, world, stage, "second", hidden, "step")
+        first, _, _ = _bytes(results, world, stage, "first", hidden, "step")
+        # one all-reduce of 3 x #eligible float64 values, whatever the model size and world size
+        assert second - none == 3 * n_elig * 8 == first - none
+        # ROSE-Second adds nothing to the forward and backward passes
+        for phase in ("forward", "backward"):
+            assert (
+                _bytes(results, world, stage, "second", hidden, phase)[0]
+                == _bytes(results, world, stage, "none", hidden, phase)[0]
+            )
+        if stage == 2:
+            # ROSE-First's only full-size addition: reducing the robust gradient (a second backward)
+            assert (
+                _bytes(results, world, stage, "first", hidden, "backward")[0]
+                == 2 * _bytes(results, world, stage, "none", hidden, "backward")[0]
+            )
+            assert _bytes(results, world, stage, "first", hidden, "forward")[0] == 0
+    assert (
+        _bytes(results, world, stage, "none", 64, "step")[2] > 2 * _bytes(results, world, stage, "none", 32, "step")[2]
+    )
