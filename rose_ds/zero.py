@@ -215,6 +215,7 @@ class ZeroBinding:
         self._micro = 0  # micro-batches seen in the current accumulation window
         self._stash: list[tuple[dict[str, Any], list[Tensor], list[Tensor | None]]] = []
         self.flat = self.stage > 0
+        _require(engine, "basic_optimizer", "is_gradient_accumulation_boundary")
         if self.stage == 0:
             self._bind_stage0()
         elif self.stage in (1, 2):
@@ -234,6 +235,7 @@ class ZeroBinding:
                 f"ZeRO stage 0 with {type(self.zo).__name__} is not supported by rose_ds; use fp32, or bf16/fp16 "
                 "with zero_optimization.stage >= 1"
             )
+        _require(self.zo, "fp16_groups", "fp32_groups")
         # The client steps fp32 master copies, not the model's tensors: key eligibility by the copies.
         eligible: dict[Tensor, int] = {}
         for lp_group, hp_group in zip(self.zo.fp16_groups, self.zo.fp32_groups, strict=True):
@@ -249,7 +251,14 @@ class ZeroBinding:
                 f"{type(zo).__name__} is not supported by rose_ds; for bf16 at stage 1 set "
                 "data_types.grad_accum_dtype to 'bf16' or use stage 2"
             )
+        _require(
+            zo, "bit16_groups", "single_partition_of_fp32_groups", "params_in_partition", "averaged_gradients",
+            "all_grad_tensors", "parallel_partitioned_bit16_groups", "real_dp_process_group", "dp_process_group",
+            "cpu_offload", "loss_scale",
+        )  # fmt: skip
         self.offload = bool(zo.cpu_offload)
+        if self.offload:
+            _require(zo, "accumulated_grads_in_cpu")
         self.group = zo.dp_process_group
         self._flats: list[Tensor] = list(zo.single_partition_of_fp32_groups)
         self._segments: dict[int, list[tuple[int, int, int]]] = {}
@@ -258,6 +267,7 @@ class ZeroBinding:
                 raise UnsupportedConfigError("expert-parallel (MoE) param groups are not supported by rose_ds")
             segments = []
             for lp in lps:
+                _require(lp, "_hp_mapping")
                 frag = lp._hp_mapping  # tensor_fragment: where lp's elements sit in this rank's partition
                 if frag is None:
                     continue
@@ -268,6 +278,11 @@ class ZeroBinding:
 
     def _bind_stage3(self) -> None:
         zo = self.zo
+        _require(
+            zo, "fp16_groups", "fp32_partitioned_groups_flat", "grad_partitions_flat_buffer", "micro_step_id",
+            "sub_group_process_groups", "dp_process_group", "offload_optimizer",
+            "_reassign_or_swap_out_partitioned_parameters",
+        )  # fmt: skip
         self.offload = bool(zo.offload_optimizer)
         self.group = zo.dp_process_group
         rank = dist.get_rank(group=self.group)
@@ -476,6 +491,16 @@ class ZeroBinding:
             zo.parallel_partitioned_bit16_groups[i][rank].data.copy_(flat.data)
         else:
             zo._reassign_or_swap_out_partitioned_parameters(i)
+
+
+def _require(obj: Any, *names: str) -> None:
+    """Fails at bind time, naming the attribute, when DeepSpeed no longer has what rose_ds relies on."""
+    for name in names:
+        if not hasattr(obj, name):
+            raise UnsupportedConfigError(
+                f"rose_ds relies on {type(obj).__name__}.{name} (deepspeed 0.19.x), which deepspeed "
+                f"{deepspeed.__version__} lacks; install deepspeed>=0.19,<0.20"
+            )
 
 
 def _ranks(group) -> list[int]:
