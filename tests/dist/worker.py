@@ -1,0 +1,175 @@
+"""A distributed test worker: runs many ROSE/DeepSpeed cases in one launch (a launch costs ~20 s).
+
+Launched by tests/test_zero.py through torchrun (or any DeepSpeed-compatible launcher):
+
+    torchrun --nproc_per_node N tests/dist/worker.py CASES.json OUT_DIR
+
+For every case it trains a tiny BERT for a few steps through rose_ds.initialize / rose_ds.train_step
+and writes, per rank, the mask of every step, the losses and the bytes each phase sent through
+deepspeed.comm; rank 0 also writes the consolidated fp32 weights. The test compares them with a
+dense single-process RoseAdamW run.
+"""
+
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import deepspeed  # noqa: E402
+import deepspeed.comm as dist  # noqa: E402
+import torch  # noqa: E402
+from models import random_batch, tiny_bert  # noqa: E402
+
+import rose_ds  # noqa: E402
+from rose_ds import RoseConfig, RoseLosses  # noqa: E402
+
+# deepspeed.init_distributed JIT-compiles the 'deepspeed_shm_comm' C++ op on CPU (35 s to 4 min on a
+# fresh machine); only inference all-reduce uses it, never training, so the tests skip building it.
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+LR, BETAS, EPS, WD = 2e-3, (0.9, 0.98), 1e-6, 0.01
+COLLECTIVES = [
+    "all_reduce", "inference_all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "broadcast",
+    "all_gather", "all_gather_into_tensor", "all_gather_base", "all_gather_coalesced", "reduce_scatter_tensor",
+    "all_to_all_single", "all_to_all", "gather", "scatter",
+]  # fmt: skip
+
+
+def _nbytes(arg):
+    if isinstance(arg, torch.Tensor):
+        return arg.numel() * arg.element_size()
+    if isinstance(arg, (list, tuple)):
+        return sum(_nbytes(a) for a in arg)
+    return 0
+
+
+class ByteCounter:
+    """Counts, by phase, the bytes of every collective DeepSpeed issues: it wraps the methods of the
+    communication backend (deepspeed.comm's ``cdb``), through which all of deepspeed.comm goes. A
+    collective counts the size of its largest tensor argument (the full buffer: the output of a
+    gather, the input of a reduce-scatter)."""
+
+    def __init__(self):
+        self.phase = "other"
+        self.bytes = {}
+        backend = deepspeed.comm.comm.cdb
+        for name in COLLECTIVES:
+            fn = getattr(backend, name, None)
+            if fn is not None:
+                setattr(backend, name, self._wrap(fn))
+
+    def _wrap(self, fn):
+        def counted(*args, **kwargs):
+            size = max([_nbytes(a) for a in list(args) + list(kwargs.values())] + [0])
+            self.bytes[self.phase] = self.bytes.get(self.phase, 0) + size
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+def stand_in_losses(model, inputs, labels, two_passes=True):
+    """Dropout is off in parity cases (each rank's dropout cannot be replayed by a dense run), so
+    the KL robust loss would be 0: a sample-additive stand-in gives a real robust gradient."""
+    n = labels.shape[0]
+    if not two_passes:
+        z = model(**inputs).logits
+        return RoseLosses(torch.nn.functional.cross_entropy(z, labels), None, z, None)
+    z1, z2 = model(**inputs).logits, model(**inputs).logits
+    task = 0.5 * torch.nn.functional.cross_entropy(z1, labels) + 0.5 * torch.nn.functional.cross_entropy(z2, labels)
+    return RoseLosses(task, ((z1 - 0.1 - 0.3 * z2) ** 2).sum(), z1, z2)
+
+
+def ds_config(case, world):
+    zero = {"stage": case["stage"]}
+    if case.get("offload"):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if case["stage"] == 3 and case.get("sub_group_size"):
+        zero["sub_group_size"] = case["sub_group_size"]
+    cfg = {
+        "train_micro_batch_size_per_gpu": case["micro_bs"],
+        "gradient_accumulation_steps": case["gas"],
+        "zero_optimization": zero,
+        "gradient_clipping": case.get("clip", 0.0),
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if case.get("dtype") == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def run_case(case, out, counter):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = tiny_bert(dropout=case.get("dropout", 0.0), seed=case.get("seed", 0), hidden=case.get("hidden", 32))
+    rose = RoseConfig(**case["rose"])
+    config = ds_config(case, world)
+    config.update(case.get("ds_extra", {}))
+    if "expect_error" in case:
+        try:
+            rose_ds.initialize(model, config, rose=rose, lr=LR)
+        except rose_ds.UnsupportedConfigError as err:
+            (out / f"rank{rank}.json").write_text(json.dumps({"error": str(err)}))
+            return
+        raise AssertionError(f"{case['name']}: rose_ds.initialize accepted an unsupported configuration")
+    engine, _, _, _ = rose_ds.initialize(model, config, rose=rose, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    opt = rose_ds.rose_optimizer(engine)
+    loss_fn = stand_in_losses if case.get("loss", "stand_in") == "stand_in" else rose_ds.rose_losses
+    mb, gas = case["micro_bs"], case["gas"]
+    record = {"masks": [], "losses": [], "bytes": []}
+    torch.manual_seed(1234 + rank)  # dropout differs per rank, as in real data parallelism
+    for step in range(case["steps"]):
+        inputs, labels = random_batch(step, batch_size=world * gas * mb)
+        counter.bytes = {}
+        for k in range(gas):
+            rows = slice((k * world + rank) * mb, (k * world + rank + 1) * mb)
+            micro = {key: v[rows] for key, v in inputs.items()}
+            counter.phase = "forward"
+            losses = loss_fn(engine, micro, labels[rows], two_passes=rose_ds.selection.needs_robust_gradient(rose))
+            counter.phase = "backward"
+            rose_ds.backward(engine, losses)
+            counter.phase = "step"
+            engine.step()
+        record["masks"].append(dict(opt.last_mask))
+        record["losses"].append(float(losses.task))
+        record["bytes"].append(dict(counter.bytes))
+    counter.phase = "other"
+    weights = {}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:  # frozen: never changes, and has no fp32 master copy
+            continue
+        if case["stage"] == 0:
+            weights[name] = p.detach().float().clone()
+        else:
+            weights[name] = deepspeed.utils.safe_get_full_fp32_param(p).detach().float().clone()
+    record["num_eligible"] = len(opt.eligible_names)
+    record["numel"] = sum(p.numel() for p in engine.module.parameters())
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    if rank == 0:
+        torch.save(weights, out / "weights.pt")
+    engine.destroy()
+    del engine, opt, model
+    gc.collect()
+
+
+def main():
+    cases = json.loads(Path(sys.argv[1]).read_text())
+    root = Path(sys.argv[2])
+    deepspeed.init_distributed(dist_backend="gloo")
+    counter = ByteCounter()
+    for case in cases:
+        out = root / case["name"]
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            run_case(case, out, counter)
+        except Exception as err:  # recorded per case so one failure does not hide the others
+            (out / f"error{dist.get_rank()}.txt").write_text(f"{type(err).__name__}: {err}")
+            raise
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
