@@ -206,11 +206,14 @@ def main(argv: list[str] | None = None) -> dict:
     device = get_accelerator().current_device_name()
 
     # ---------------------------------------------------------------- data
-    model_path = args.model_name_or_path or rose_data.embedded_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:  # decoder models (GPT-2, Llama) have none
-        tokenizer.pad_token = tokenizer.eos_token
-    train, validation, adv, num_labels, task_for_adv = load_data(args, tokenizer)
+    try:
+        model_path = args.model_name_or_path or rose_data.embedded_model_path()
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if tokenizer.pad_token is None:  # decoder models (GPT-2, Llama) have none
+            tokenizer.pad_token = tokenizer.eos_token
+        train, validation, adv, num_labels, task_for_adv = load_data(args, tokenizer)
+    except OSError as err:  # a missing package, file or model, or the hub out of reach
+        fail(str(err).splitlines()[0])
     collate = DataCollatorWithPadding(tokenizer)
     sampler = torch.utils.data.DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     loader = torch.utils.data.DataLoader(train, batch_size=args.per_device_train_batch_size, sampler=sampler,
@@ -375,10 +378,10 @@ def load_data(args: Args, tokenizer):
     else:
         columns, num_labels, task_for_adv = spec.text_columns, spec.num_labels, args.task_name
         if args.task_name == "rotten_tomatoes":  # deduplicated against AdvGLUE SST-2 when it is at hand
-            raw = rose_data.load_rotten_tomatoes(None if adv_file == "none" else adv_file, seed=args.seed)
+            raw = rose_data.load_rotten_tomatoes(adv_file, seed=args.seed)
         else:
             raw = rose_data.load_glue(args.task_name)
-    adv = None if adv_file == "none" or task_for_adv is None else rose_data.load_advglue(task_for_adv, adv_file)
+    adv = None if task_for_adv is None else rose_data.load_advglue(task_for_adv, adv_file)
     train = raw["train"].shuffle(seed=args.seed)
     if args.max_train_samples:
         train = train.select(range(min(args.max_train_samples, len(train))))

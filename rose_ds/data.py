@@ -99,10 +99,10 @@ def load_rotten_tomatoes(advglue_file: str | None, seed: int, validation_fractio
 
 
 def load_advglue(task: str, advglue_file: str | None):
-    """AdvGLUE dev items of the task, from a local ``dev.json`` or the hub (``adv_glue``); None if the
-    task has no AdvGLUE counterpart."""
+    """AdvGLUE dev items of the task, from a local ``dev.json`` or, with ``advglue_file=None``, the hub
+    (``adv_glue``); None for ``advglue_file="none"`` or a task without an AdvGLUE counterpart."""
     spec = TASKS.get(task)
-    if spec is None or spec.advglue is None:
+    if spec is None or spec.advglue is None or advglue_file == "none":
         return None
     if advglue_file:
         rows = json.loads(Path(advglue_file).read_text())[spec.advglue]
@@ -133,8 +133,9 @@ def load_local(train_file: str, validation_file: str, text_columns: tuple[str, .
     mapping = {v: i for i, v in enumerate(labels)}
     if all(isinstance(v, int) for v in labels):
         mapping = {v: int(v) for v in labels}
-    data = data.map(lambda row: {"label": mapping[row[label_column]]}, remove_columns=[label_column])
-    return data, max(mapping.values()) + 1
+    # a new column, then renamed: mapping onto the old one would keep its (string) type
+    data = data.map(lambda row: {"_label": mapping[row[label_column]]}, remove_columns=[label_column])
+    return data.rename_column("_label", "label"), max(mapping.values()) + 1
 
 
 def load_glue(task: str):

@@ -179,3 +179,29 @@ def test_local_files_map_string_labels(tmp_path):
     assert n == 2 and data["train"]["label"] == [1, 0, 1]
     with pytest.raises(ValueError, match="no column 'sentence'"):
         load_local(str(tmp_path / "t.csv"), str(tmp_path / "t.csv"), ("sentence",), "label")
+
+
+@needs_advglue
+def test_decoder_model_gets_a_pad_token_and_the_gpt2_rule(tmp_path):
+    """A GPT-2 classifier whose tokenizer has no pad token (as GPT-2's own): the program pads with EOS,
+    and --rose_eligibility gpt2 selects its block weights (the original rule would select none)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    from rose_ds.data import embedded_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.pad_token = None
+    model_dir = tmp_path / "tiny-gpt2"
+    tokenizer.save_pretrained(model_dir)
+    GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2,
+                                             n_positions=128)).save_pretrained(model_dir)  # fmt: skip
+    assert AutoTokenizer.from_pretrained(model_dir).pad_token is None
+    out = tmp_path / "gpt2"
+    args = ["--deepspeed", "ds_configs/zero2.json", "--output_dir", str(out), "--model_name_or_path", str(model_dir),
+            "--max_steps", "2", "--max_seq_length", "32", *SMALL]  # fmt: skip
+    refused = run([*args, "--output_dir", str(tmp_path / "refused")], check=False)
+    assert refused.returncode == 2 and "selects no parameter" in refused.stderr.strip().splitlines()[-1]
+    proc = run([*args, "--rose_eligibility", "gpt2"])
+    assert "finished 2 steps" in proc.stdout
+    assert len(json.loads((out / "trainer_state.json").read_text())["eligible_tensors"]) == 12
