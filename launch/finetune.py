@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
         )  # fmt: skip
     except (ConfigConflictError, json.JSONDecodeError) as err:
         fail(f"--deepspeed {args.deepspeed}: {err}")
+    if "scheduler" in ds_config:
+        fail(f"--deepspeed {args.deepspeed}: remove the 'scheduler' section; the learning rate follows --warmup_steps "
+             "then decays linearly to 0 over the run")  # fmt: skip
 
     def linear_schedule(step: int) -> float:
         if step < args.warmup_steps:
@@ -525,12 +528,12 @@ def _tensorboard(args: Args, out: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        fail("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
+        fail("--report_to tensorboard needs the tensorboard package: pip install tensorboard (or rose_ds[tensorboard])")
     return SummaryWriter(str(out / "runs"))
 
 
 def _launcher_environment() -> None:
-    """Maps each launcher's conventions onto the variables torch.distributed reads.
+    """Maps each launcher's conventions onto the RANK/WORLD_SIZE/LOCAL_RANK variables DeepSpeed reads.
 
     deepspeed and torchrun set RANK/WORLD_SIZE/LOCAL_RANK; mpirun (and srun --mpi) are discovered
     by DeepSpeed through mpi4py; plain ``srun`` one task per GPU gives SLURM_PROCID/SLURM_NTASKS/

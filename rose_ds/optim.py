@@ -279,24 +279,26 @@ class RoseAdamW(torch.optim.Optimizer):
                 state["step"].fill_(t)
             if not entries:
                 continue
-            beta1, beta2 = group["betas"]
-            masked_adamw_(
+            self._apply(
+                group,
                 [p for p, _ in entries],
                 [p.grad for p, _ in entries],
                 [s["exp_avg"] for _, s in entries],
                 [s["exp_avg_sq"] for _, s in entries],
                 [float(coefficients[self._eligible[p]]) if p in self._eligible else 1.0 for p, _ in entries],
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                step=t,
-                foreach=self.foreach,
+                t,
             )
         self._robust_sq = None
         self._robust_grads = None
         return loss
+
+    def _apply(self, group, params, grads, exp_avgs, exp_avg_sqs, coefficients, step: int) -> None:
+        """masked_adamw_ with the group's hyper-parameters (tensors may be views of flat partitions)."""
+        beta1, beta2 = group["betas"]
+        masked_adamw_(
+            params, grads, exp_avgs, exp_avg_sqs, coefficients, lr=group["lr"], beta1=beta1, beta2=beta2,
+            eps=group["eps"], weight_decay=group["weight_decay"], step=step, foreach=self.foreach,
+        )  # fmt: skip
 
     def _init_state(self, p: Tensor) -> None:
         state = self.state[p]

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from rose_ds.config import RoseConfig
 from rose_ds.losses import RoseLosses, rose_losses
-from rose_ds.optim import RoseAdamW, masked_adamw_
+from rose_ds.optim import RoseAdamW
 from rose_ds.selection import mask_coefficients, masking_active, needs_robust_gradient, needs_second_order
 
 
@@ -433,21 +433,15 @@ class ZeroBinding:
                 runs = _runs(self._segments[id(flat)], c_list)
                 if not runs or grad is None:
                     continue
-                beta1, beta2 = group["betas"]
                 views = [(start, numel) for start, numel, _ in runs]
-                masked_adamw_(
+                opt._apply(
+                    group,
                     [flat.narrow(0, s, n) for s, n in views],
                     [grad.narrow(0, s, n) for s, n in views],
                     [state["exp_avg"].narrow(0, s, n) for s, n in views],
                     [state["exp_avg_sq"].narrow(0, s, n) for s, n in views],
                     [c for _, _, c in runs],
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    step=t,
-                    foreach=opt.foreach,
+                    t,
                 )
         # DeepSpeed already copied the earlier partitions to the model dtype (before we updated them).
         for flat in flats[:-1]:

@@ -36,7 +36,7 @@ def run(args, launcher=None, check=True):
 def default_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ft") / "run"
     proc = run(["--deepspeed", "ds_configs/zero2.json", "--output_dir", str(out), "--max_steps", "4",
-                "--save_steps", "2", "--save_total_limit", "1", *SMALL])  # fmt: skip
+                "--save_steps", "2", "--save_total_limit", "1", "--report_to", "tensorboard", *SMALL])  # fmt: skip
     return out, proc
 
 
@@ -62,6 +62,7 @@ def test_default_run_writes_what_trainer_users_expect(default_run):
         and config["deepspeed"]["zero_optimization"]["reduce_bucket_size"] == 384**2
     )
     assert (out / "model.safetensors").is_file() and (out / "training.png").stat().st_size > 10_000
+    assert list((out / "runs").glob("events.out.tfevents.*"))  # --report_to tensorboard
     # save_total_limit 1: the step-2 checkpoint was pruned after the step-4 one was written
     assert sorted(p.name for p in out.glob("global_step*")) == ["global_step4"]
     assert (out / "latest").read_text().strip() == "global_step4"
