@@ -8,7 +8,15 @@ from rose_ds.selection import NoEligibleTensorError
 __version__ = "0.1.0"
 
 # The DeepSpeed glue imports deepspeed (seconds); plain-PyTorch users do not pay for it.
-_ZERO_API = ("initialize", "train_step", "backward", "rose_optimizer", "decay_param_groups", "UnsupportedConfigError")
+_ZERO_API = (
+    "initialize",
+    "train_step",
+    "backward",
+    "make_recompute",
+    "rose_optimizer",
+    "decay_param_groups",
+    "UnsupportedConfigError",
+)
 
 
 def __getattr__(name):

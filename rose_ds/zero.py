@@ -128,13 +128,47 @@ def rose_optimizer(engine) -> RoseAdamW:
     return opt
 
 
-def backward(engine, losses: RoseLosses) -> None:
-    """The robust backward and its capture (when the step is masked by a first-order mode), then
-    ``engine.backward(losses.task)``. Call once per micro-batch, then ``engine.step()``."""
+def backward(engine, losses: RoseLosses, recompute: Callable[[], RoseLosses] | None = None) -> RoseLosses:
+    """The robust backward and its capture (when the coming step is masked by a first-order mode),
+    then ``engine.backward(losses.task)``. Call once per micro-batch, then ``engine.step()``.
+
+    At ZeRO-3 the second backward cannot run through the first one's graph (its partitioned
+    parameters are released after the robust backward), so the forward passes are run again with
+    the same random state: pass ``recompute``, a function returning the same losses again
+    (:func:`make_recompute`; :func:`train_step` does this for you). Returns the losses whose task
+    loss was back-propagated.
+    """
     binding = rose_optimizer(engine)._binding
-    if losses.robust is not None and binding.wants_robust():
+    if losses.robust is None or not binding.wants_robust():
+        engine.backward(losses.task)
+        return losses
+    if binding.stage != 3:
         binding.robust_backward(losses.robust)
+        engine.backward(losses.task)
+        return losses
+    if recompute is None:
+        raise RuntimeError(
+            "at ZeRO-3 rose_ds.backward needs recompute=make_recompute(loss_fn, engine, inputs, labels) made "
+            "before the forward pass; or use rose_ds.train_step(engine, inputs, labels)"
+        )
+    binding.robust_backward(losses.robust)
+    losses = recompute()
     engine.backward(losses.task)
+    return losses
+
+
+def make_recompute(loss_fn: Callable[..., RoseLosses], engine, inputs, labels, two_passes: bool = True):
+    """Captures the random state now; the returned function restores it and runs ``loss_fn`` again,
+    so dropout draws the same masks and the losses are recomputed exactly. Call before the forward."""
+    cpu_state = torch.get_rng_state()
+    accelerator_state = get_accelerator().get_rng_state()
+
+    def recompute() -> RoseLosses:
+        torch.set_rng_state(cpu_state)
+        get_accelerator().set_rng_state(accelerator_state)
+        return loss_fn(engine, inputs, labels, two_passes=two_passes)
+
+    return recompute
 
 
 def train_step(
@@ -152,9 +186,9 @@ def train_step(
         labels: Targets.
         loss_fn: ``(model, inputs, labels, two_passes=...) -> RoseLosses``; :func:`rose_losses` by default.
     """
-    opt = rose_optimizer(engine)
-    losses = loss_fn(engine, inputs, labels, two_passes=needs_robust_gradient(opt.rose))
-    backward(engine, losses)
+    two_passes = needs_robust_gradient(rose_optimizer(engine).rose)
+    recompute = make_recompute(loss_fn, engine, inputs, labels, two_passes)
+    losses = backward(engine, loss_fn(engine, inputs, labels, two_passes=two_passes), recompute)
     engine.step()
     return losses
 
@@ -361,18 +395,18 @@ class ZeroBinding:
 
     def _stage3_robust_backward(self, loss_rob: Tensor, boundary: bool) -> None:
         """Stage 3 reduces every backward into one flat buffer (copy at micro step 0, add after): the
-        task part is snapshotted and put back, the difference is the robust gradient."""
+        task part is snapshotted, the difference is the robust gradient, and the task part is put
+        back. The graph is not retained: the task loss is recomputed (see :func:`backward`), and
+        that forward advances ``micro_step_id``, so the task backward adds to what is put back."""
         buffer = self.zo.grad_partitions_flat_buffer  # all local gradient partitions, flat order
         snapshot = None if self.zo.micro_step_id == 0 else buffer.clone()
-        self.engine.backward(loss_rob, retain_graph=True)
+        self.engine.backward(loss_rob)
         if snapshot is None and boundary and not self._robust_store:
-            robust = buffer  # accumulation 1: read in place; the task backward overwrites it next
+            robust = buffer  # accumulation 1: read in place before the buffer is cleared below
         else:
             delta = buffer if snapshot is None else buffer - snapshot
             robust = self._robust_store.get("grads")
             robust = delta.clone() if robust is None else robust.add_(delta)
-            if snapshot is not None:
-                buffer.copy_(snapshot)
         if boundary:
             self._set_robust_statistics(
                 [(idx, robust.narrow(0, start, numel)) for start, numel, idx in self._buffer_segments if idx >= 0]
@@ -380,6 +414,10 @@ class ZeroBinding:
             self._robust_store = {}
         else:
             self._robust_store = {"grads": robust}
+        if snapshot is None:
+            buffer.zero_()
+        else:
+            buffer.copy_(snapshot)
 
     def _reduced_robust_fragments(self) -> list[tuple[int, Tensor]]:
         """(eligible index, this rank's fragment of the reduced robust gradient), stages 0-2."""

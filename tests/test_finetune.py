@@ -91,16 +91,28 @@ def test_resume_auto_continues_from_the_newest_checkpoint(default_run, tmp_path)
 
 
 @needs_advglue
-def test_two_processes_with_the_deepspeed_launcher_vanilla_baseline(tmp_path):
-    out = tmp_path / "vanilla"
+def test_two_processes_with_the_deepspeed_launcher_at_zero3(tmp_path):
+    out = tmp_path / "zero3"
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", "29541"]
-    proc = run(["--deepspeed", "ds_configs/zero3.json", "--output_dir", str(out), "--max_steps", "3",
-                "--rose_mode", "none", *SMALL], launcher=launcher)  # fmt: skip
+    proc = run(["--deepspeed", "ds_configs/zero3.json", "--output_dir", str(out), "--max_steps", "3", *SMALL],
+               launcher=launcher)  # fmt: skip
     assert proc.stdout.count("finished 3 steps") == 1  # rank 0 only
     config = json.loads((out / "run_config.json").read_text())
     assert config["world_size"] == 2 and config["deepspeed"]["train_batch_size"] == 16
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(m["kept_fraction"] == 1.0 for m in metrics)  # --rose_mode none: nothing is ever frozen
+    assert all(0 < m["kept_fraction"] < 1 for m in metrics)
+
+
+@needs_advglue
+@pytest.mark.parametrize(
+    "config, mode", [("zero0", "none"), ("zero2_offload", "second"), ("zero3_offload", "ensemble")]
+)
+def test_other_configs_and_the_vanilla_baseline(tmp_path, config, mode):
+    out = tmp_path / config
+    run(["--deepspeed", f"ds_configs/{config}.json", "--output_dir", str(out), "--max_steps", "2", "--rose_mode", mode,
+         *SMALL])  # fmt: skip
+    kept = [json.loads(line)["kept_fraction"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert kept == [1.0] if mode == "none" else kept[-1] < 1.0  # --rose_mode none never freezes anything
 
 
 def test_config_conflict_is_one_line_and_writes_nothing(tmp_path):

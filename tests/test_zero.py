@@ -18,7 +18,7 @@ import pytest
 import torch
 from models import random_batch, tiny_bert
 
-from rose_ds import RoseAdamW, RoseConfig
+from rose_ds import RoseAdamW, RoseConfig, rose_losses
 from rose_ds.zero import decay_param_groups
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
@@ -60,6 +60,9 @@ EXTRA_CASES = {
         *[_case(f"dropout-s{s}", stage=s, loss="rose", dropout=0.1) for s in range(4)],
     ],
 }
+# Real dropout on one rank: a dense run draws the same masks, so even the ZeRO-3 recomputation of
+# the forward passes (same random state) is checked against the dense RoseAdamW.
+EXTRA_CASES[1] = [_case(f"dropout-w1-s{s}", stage=s, loss="rose", dropout=0.1) for s in (0, 2, 3)]
 TRAFFIC = [(w, s, m, h) for w in (1, 2, 3) for s in (2, 3) for m in ("none", "second", "first") for h in (32, 64)]
 for w, s, m, h in TRAFFIC:
     EXTRA_CASES.setdefault(w, []).append(_case(f"traffic-w{w}-s{s}-{m}-h{h}", stage=s, rose=ROSE[m], hidden=h, steps=3))
@@ -115,14 +118,16 @@ def results(tmp_path_factory):
 
 def dense_run(case, world):
     """The single-process RoseAdamW on the same global batches (what every ZeRO run must equal)."""
-    model = tiny_bert(dropout=0.0, seed=case.get("seed", 0), hidden=case.get("hidden", 32))
+    model = tiny_bert(dropout=case.get("dropout", 0.0), seed=case.get("seed", 0), hidden=case.get("hidden", 32))
     rose = RoseConfig(**case["rose"])
     opt = RoseAdamW(decay_param_groups(model, WD), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, rose=rose)
     two = rose.mode in ("first", "ensemble")
+    loss_fn = rose_losses if case.get("loss") == "rose" else stand_in_losses
+    torch.manual_seed(1234)  # the worker's dropout seed on rank 0
     masks = []
     for step in range(case["steps"]):
         inputs, labels = random_batch(step, batch_size=world * case["gas"] * case["micro_bs"])
-        losses = stand_in_losses(model, inputs, labels, two_passes=two)
+        losses = loss_fn(model, inputs, labels, two_passes=two)
         if two:
             opt.capture_robust_grads(losses.robust)
         losses.task.backward()
@@ -227,3 +232,9 @@ def test_selection_traffic_is_three_floats_per_eligible_tensor(results, world, s
 def test_bf16_optimizer_wrapper_is_refused_at_start(results):
     ranks, _ = results(2, "refuse-bf16-optimizer")
     assert all("BF16_Optimizer is not supported" in r["error"] and "\n" not in r["error"] for r in ranks)
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_real_dropout_on_one_rank_matches_dense(results, stage):
+    masks = assert_matches_dense(next(c for c in EXTRA_CASES[1] if c["name"] == f"dropout-w1-s{stage}"), 1, results)
+    assert {v for m in masks for v in m.values()} >= {0.5, 1.0}

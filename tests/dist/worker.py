@@ -87,8 +87,11 @@ def ds_config(case, world):
     zero = {"stage": case["stage"]}
     if case.get("offload"):
         zero["offload_optimizer"] = {"device": "cpu"}
-    if case["stage"] == 3 and case.get("sub_group_size"):
-        zero["sub_group_size"] = case["sub_group_size"]
+    if case["stage"] == 3:
+        # partition every parameter: below this threshold ZeRO-3 keeps tiny tensors whole on every rank
+        zero["stage3_param_persistence_threshold"] = 0
+        if case.get("sub_group_size"):
+            zero["sub_group_size"] = case["sub_group_size"]
     cfg = {
         "train_micro_batch_size_per_gpu": case["micro_bs"],
         "gradient_accumulation_steps": case["gas"],
@@ -127,10 +130,12 @@ def run_case(case, out, counter):
         for k in range(gas):
             rows = slice((k * world + rank) * mb, (k * world + rank + 1) * mb)
             micro = {key: v[rows] for key, v in inputs.items()}
+            two = rose_ds.selection.needs_robust_gradient(rose)
+            recompute = rose_ds.make_recompute(loss_fn, engine, micro, labels[rows], two)
             counter.phase = "forward"
-            losses = loss_fn(engine, micro, labels[rows], two_passes=rose_ds.selection.needs_robust_gradient(rose))
-            counter.phase = "backward"
-            rose_ds.backward(engine, losses)
+            losses = loss_fn(engine, micro, labels[rows], two_passes=two)
+            counter.phase = "backward"  # at ZeRO-3 this includes the recomputed forward of ROSE-First
+            losses = rose_ds.backward(engine, losses, recompute)
             counter.phase = "step"
             engine.step()
         record["masks"].append(dict(opt.last_mask))
