@@ -151,7 +151,7 @@ def run_case(case, out, counter):
         else:
             weights[name] = deepspeed.utils.safe_get_full_fp32_param(p).detach().float().clone()
     record["num_eligible"] = len(opt.eligible_names)
-    record["numel"] = sum(p.numel() for p in engine.module.parameters())
+    record["numel"] = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # ZeRO-3: full size
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     if rank == 0:
         torch.save(weights, out / "weights.pt")
