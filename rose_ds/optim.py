@@ -39,6 +39,7 @@ def masked_adamw_(
     weight_decay: float,
     step: int,
     foreach: bool = True,
+    fused: bool = False,
 ) -> None:
     """One masked AdamW step, in place, over lists of tensors (ROSE spec section 4).
 
@@ -60,7 +61,16 @@ def masked_adamw_(
         lr, beta1, beta2, eps, weight_decay: AdamW hyper-parameters of the group.
         step: The global step ``t`` (1-based) used for bias correction.
         foreach: Use torch's multi-tensor kernels; the per-tensor path gives bit-identical results.
+        fused: Use torch's fused Adam kernel (one pass over p, g, m, v; much faster on CPU and GPU).
+            Same formulas, different rounding: ``eps`` is passed as ``eps / sqrt(1 - beta2^t)``
+            so that torch's ``sqrt(v) / sqrt(1 - beta2^t) + eps'`` equals ROSE's
+            ``(sqrt(v) + eps) / sqrt(1 - beta2^t)``, the step is scaled by ``c`` through the
+            learning rate, and the weight decay is applied afterwards as in the specification.
     """
+    if fused:
+        _fused_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, coefficients, lr, beta1, beta2, eps, weight_decay,
+                             step)  # fmt: skip
+        return
     step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
     live = [i for i, c in enumerate(coefficients) if c > 0]
     frozen = [i for i, c in enumerate(coefficients) if c == 0]
@@ -111,6 +121,28 @@ def masked_adamw_(
             params[i].mul_(decay[k])
 
 
+def _fused_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, coefficients, lr, beta1, beta2, eps, weight_decay, step):
+    by_c: dict[float, list[int]] = defaultdict(list)
+    for i, c in enumerate(coefficients):
+        by_c[c].append(i)
+    eps_torch = eps / math.sqrt(1.0 - beta2**step)
+    for c, idx in by_c.items():
+        if c == 0:  # frozen: g' = m, so m stays and v moves toward m^2
+            vs, ms = [exp_avg_sqs[i] for i in idx], [exp_avgs[i] for i in idx]
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, ms, ms, 1.0 - beta2)
+            continue
+        ps, ms = [params[i] for i in idx], [exp_avgs[i] for i in idx]
+        gs = [grads[i] for i in idx] if c == 1 else torch._foreach_lerp(ms, [grads[i] for i in idx], c)
+        steps = [torch.tensor(float(step), device=p.device) for p in ps]
+        torch._fused_adam_(
+            ps, gs, ms, [exp_avg_sqs[i] for i in idx], [], steps, amsgrad=False, lr=lr * c, beta1=beta1, beta2=beta2,
+            weight_decay=0.0, eps=eps_torch, maximize=False, grad_scale=None, found_inf=None,
+        )  # fmt: skip
+        if weight_decay != 0:
+            torch._foreach_mul_(ps, 1.0 - lr * weight_decay * c)
+
+
 class RoseAdamW(torch.optim.Optimizer):
     """AdamW with ROSE selection: eligible tensors judged unrobust are frozen for the step.
 
@@ -147,6 +179,7 @@ class RoseAdamW(torch.optim.Optimizer):
         weight_decay: Decoupled weight decay, scaled by ``c``.
         rose: The ROSE configuration; ``RoseConfig()`` when omitted.
         foreach: Use torch's multi-tensor kernels (default True).
+        fused: Use torch's fused Adam kernel for the update (see :func:`masked_adamw_`); fastest.
 
     Attributes:
         last_mask: ``{parameter name: c}`` of the eligible tensors at the last step.
@@ -166,6 +199,7 @@ class RoseAdamW(torch.optim.Optimizer):
         *,
         rose: RoseConfig | None = None,
         foreach: bool = True,
+        fused: bool = False,
     ) -> None:
         if not 0.0 <= lr:
             raise ValueError(f"RoseAdamW lr={lr!r} is invalid: expected a number >= 0")
@@ -180,6 +214,7 @@ class RoseAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.rose = rose if rose is not None else RoseConfig()
         self.foreach = foreach
+        self.fused = fused
         names: list[str] = []
         for group in self.param_groups:
             if "param_names" not in group:
@@ -297,7 +332,7 @@ class RoseAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         masked_adamw_(
             params, grads, exp_avgs, exp_avg_sqs, coefficients, lr=group["lr"], beta1=beta1, beta2=beta2,
-            eps=group["eps"], weight_decay=group["weight_decay"], step=step, foreach=self.foreach,
+            eps=group["eps"], weight_decay=group["weight_decay"], step=step, foreach=self.foreach, fused=self.fused,
         )  # fmt: skip
 
     def _init_state(self, p: Tensor) -> None:

@@ -13,14 +13,14 @@ LR, BETAS, EPS, WD = 2e-3, (0.9, 0.98), 1e-6, 0.01
 STEPS = 7
 
 
-def make_rose(model, foreach=True, **rose):
+def make_rose(model, foreach=True, fused=False, **rose):
     decay, no_decay = decay_groups(model)
     params = dict(model.named_parameters())
     groups = [
         {"params": [(n, params[n]) for n in decay], "weight_decay": WD},
         {"params": [(n, params[n]) for n in no_decay], "weight_decay": 0.0},
     ]
-    return RoseAdamW(groups, lr=LR, betas=BETAS, eps=EPS, rose=RoseConfig(**rose), foreach=foreach)
+    return RoseAdamW(groups, lr=LR, betas=BETAS, eps=EPS, rose=RoseConfig(**rose), foreach=foreach, fused=fused)
 
 
 def make_reference(model, **rose):
@@ -87,10 +87,10 @@ def assert_parameters_close(model, ref_model):
         assert relative_error(p, q) <= 1e-5, f"{name} differs from the reference by {relative_error(p, q):.2e}"
 
 
-def run_parity(clip=None, **rose):
+def run_parity(clip=None, fused=False, **rose):
     model = tiny_bert()
     ref_model = copy.deepcopy(model)
-    opt = make_rose(model, **rose)
+    opt = make_rose(model, fused=fused, **rose)
     ref = make_reference(ref_model, **rose)
     masks = []
     for step in range(STEPS):
@@ -282,3 +282,9 @@ def test_state_dict_round_trip_keeps_mask_and_continues_identically():
     rose_step(model2, opt2, 2)
     for a, b in zip(model2.parameters(), expected, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["none", "first", "second", "ensemble"])
+def test_fused_kernel_matches_reference(mode):
+    masks, _ = run_parity(fused=True, mode=mode, upper=70)
+    assert ({v for m in masks for v in m.values()} == {1.0}) == (mode == "none")

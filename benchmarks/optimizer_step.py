@@ -1,0 +1,140 @@
+"""Optimizer step alone: RoseAdamW's masked update over a ZeRO-style flat shard versus torch AdamW.
+
+One flat fp32 shard of Llama-style tensors (two blocks at hidden 2048: q, k, v, o, gate, up, down
+and the two RMSNorm weights; >= 100M elements) is stepped by
+
+* torch.optim.AdamW on the flat tensor (foreach, and fused where torch has it for the device),
+* RoseAdamW's ZeRO path: second-order statistics per tensor segment (grad and momentum squared
+  norms) plus the masked update over segment views, with every tensor kept (c = 1), every tensor
+  frozen (c = 0), and the published 65 % of eligible tensors kept.
+
+Variants run interleaved, one step each per round; the table reports the median of the timed rounds
+and the ratio to the best torch AdamW. Targets (issue 6): ratio <= 1.10 with all kept, < 1.0 with
+30 % frozen. Usage::
+
+    python benchmarks/optimizer_step.py [--hidden 2048] [--layers 2] [--rounds 20] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rose_ds.optim import masked_adamw_  # noqa: E402
+from rose_ds.zero import _index_sum_of_squares, _runs  # noqa: E402
+
+LR, BETAS, EPS, WD, STEP = 1e-4, (0.9, 0.98), 1e-6, 0.01, 10
+
+
+def llama_segments(hidden: int, layers: int) -> list[tuple[int, int, int]]:
+    """(start, numel, eligible index) of each tensor in the flat shard, Llama block order."""
+    inter = int(hidden * 2.75)
+    shapes = [hidden * hidden] * 4 + [hidden * inter] * 3 + [hidden] * 2
+    segments, start = [], 0
+    for _ in range(layers):
+        for numel in shapes:
+            segments.append((start, numel, len(segments)))
+            start += numel
+    return segments
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds (after 3 warm-up rounds)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    segments = llama_segments(args.hidden, args.layers)
+    numel = sum(n for _, n, _ in segments)
+    n_elig = len(segments)
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(numel, generator=g) * 1e-3
+
+    def flat_state():
+        return torch.randn(numel, generator=g), torch.randn(numel, generator=g) * 1e-3, torch.rand(numel, generator=g)
+
+    torch_variants = {}
+    for name, kw in (("torch AdamW foreach", dict(foreach=True)), ("torch AdamW fused", dict(fused=True))):
+        p = torch.nn.Parameter(torch.randn(numel, generator=g))
+        try:
+            opt = torch.optim.AdamW([p], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, **kw)
+            p.grad = grad
+            opt.step()
+        except (RuntimeError, TypeError):  # fused unsupported for this device or build
+            continue
+        torch_variants[name] = opt.step
+
+    def rose_step(kept_fraction: float, fused: bool):
+        param, m, v = flat_state()
+        order = torch.randperm(n_elig, generator=g).tolist()
+        kept = set(order[: round(kept_fraction * n_elig)])
+        c = [1.0 if i in kept else 0.0 for i in range(n_elig)]
+
+        def step():
+            # statistics of the second-order score, then the masked update over segment views
+            _index_sum_of_squares([(i, grad.narrow(0, s, n)) for s, n, i in segments], n_elig)
+            _index_sum_of_squares([(i, m.narrow(0, s, n)) for s, n, i in segments], n_elig)
+            runs = _runs(segments, c)
+            views = [(s, n) for s, n, _ in runs]
+            masked_adamw_(
+                [param.narrow(0, s, n) for s, n in views], [grad.narrow(0, s, n) for s, n in views],
+                [m.narrow(0, s, n) for s, n in views], [v.narrow(0, s, n) for s, n in views],
+                [cv for _, _, cv in runs], lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=WD, step=STEP,
+                fused=fused,
+            )  # fmt: skip
+
+        return step
+
+    variants = dict(torch_variants)
+    for fused in (False, True):
+        kind = "fused" if fused else "foreach"
+        variants[f"RoseAdamW {kind} all kept"] = rose_step(1.0, fused)
+        variants[f"RoseAdamW {kind} 65% kept"] = rose_step(0.65, fused)
+        variants[f"RoseAdamW {kind} all frozen"] = rose_step(0.0, fused)
+
+    times = {name: [] for name in variants}
+    for round_ in range(args.rounds + 3):
+        for name, step in variants.items():
+            start = time.perf_counter()
+            step()
+            if round_ >= 3:
+                times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    baseline_name = min(torch_variants, key=medians.get)
+    baseline = medians[baseline_name]
+    targets = {f"RoseAdamW {k} all kept": ("<=", 1.10) for k in ("foreach", "fused")}
+    targets.update({f"RoseAdamW {k} 65% kept": ("<", 1.0) for k in ("foreach", "fused")})
+
+    machine = platform.processor() or platform.machine()
+    print(f"flat shard: {numel / 1e6:.1f}M fp32 elements in {n_elig} tensors (hidden {args.hidden}, {args.layers} "
+          f"blocks); torch {torch.__version__}, {torch.get_num_threads()} threads, {machine}")  # fmt: skip
+    print(f"{'variant':32s} {'median s':>9s} {'ratio':>7s}  target")
+    rows = []
+    for name, median in medians.items():
+        ratio = median / baseline
+        verdict = ""
+        if name in targets:
+            op, bound = targets[name]
+            ok = ratio <= bound if op == "<=" else ratio < bound
+            verdict = f"{op} {bound:.2f} {'PASS' if ok else 'FAIL'}"
+        print(f"{name:32s} {median:9.4f} {ratio:7.3f}  {verdict}")
+        rows.append({"variant": name, "median_s": median, "ratio_to_" + baseline_name.replace(" ", "_"): ratio,
+                     "target": verdict})  # fmt: skip
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"numel": numel, "tensors": n_elig, "baseline": baseline_name,
+                                               "rounds": args.rounds, "rows": rows}, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
