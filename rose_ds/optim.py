@@ -293,6 +293,7 @@ class RoseAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        # State first, also for ZeRO's partitions: DeepSpeed links their fragments after each call.
         for group in self.param_groups:
             for p in group["params"]:
                 self._init_state(p)

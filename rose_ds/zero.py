@@ -452,9 +452,7 @@ class ZeroBinding:
         """Called from RoseAdamW.step() for each partition; acts at the last one of the engine step."""
         opt = self.opt
         for group in opt.param_groups:
-            for flat in group["params"]:
-                # State exists from the first call on: DeepSpeed links its fragments right after it.
-                opt._init_state(flat)
+            for flat in group["params"]:  # (its state exists already: DeepSpeed links it right after this call)
                 self._stash.append((group, [flat], [flat.grad]))
         if len(self._stash) < len(self._flats):
             return
