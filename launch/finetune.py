@@ -8,6 +8,8 @@ with ROSE-Ensemble, and prints clean validation and AdvGLUE SST-2 accuracy.
     deepspeed --num_gpus 2 launch/finetune.py --deepspeed ds_configs/zero2.json     # 2 processes
     torchrun --nproc_per_node 2 launch/finetune.py --deepspeed ds_configs/zero2.json
     python launch/finetune.py --deepspeed ds_configs/zero2.json                     # 1 process
+    mpirun -np 2 python launch/finetune.py --deepspeed ds_configs/zero2.json        # needs mpi4py
+    sbatch launch/slurm/torchrun.sbatch --rose_mode second                          # SLURM: launch/slurm/
     deepspeed launch/finetune.py --deepspeed ds_configs/zero3.json --model_name_or_path roberta-base \\
         --task_name sst2 --rose_preset sst2-base-ensemble --num_train_epochs 10 --bf16
 
@@ -24,6 +26,7 @@ import math
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -190,13 +193,17 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     if out.is_dir() and any(out.iterdir()) and not (args.overwrite_output_dir or args.resume_from_checkpoint):
         fail(f"--output_dir {str(out)!r} is not empty; pass --overwrite_output_dir or --resume_from_checkpoint auto")
-    _launcher_environment()
+    launcher = _launcher_environment()
     if get_accelerator().device_name() == "cpu":
         # On CPU, init_distributed JIT-compiles DeepSpeed's shared-memory all-reduce op (minutes on a
         # fresh machine); only inference uses it, so training skips the build.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     rank, world = dist.get_rank(), dist.get_world_size()
+    # where every rank runs (SLURMD_NODENAME tells fake nodes that share one host apart)
+    placement = [None] * world
+    dist.all_gather_object(placement, {"rank": rank, "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+                                       "node": os.environ.get("SLURMD_NODENAME", socket.gethostname())})  # fmt: skip
     is_main = rank == 0
     if not is_main:  # only rank 0 talks
         deepspeed.utils.logger.setLevel(logging.ERROR)
@@ -263,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         resolved = {"args": dataclasses.asdict(args), "deepspeed": ds_config, "rose": rose.to_dict(),
-                    "world_size": world, "model_path": model_path}  # fmt: skip
+                    "world_size": world, "launcher": launcher, "ranks": placement,
+                    "model_path": model_path}  # fmt: skip
         (out / "run_config.json").write_text(json.dumps(resolved, indent=2))
     writer = _tensorboard(args, out) if is_main else None
 
@@ -532,25 +540,55 @@ def _tensorboard(args: Args, out: Path):
     return SummaryWriter(str(out / "runs"))
 
 
-def _launcher_environment() -> None:
-    """Maps each launcher's conventions onto the RANK/WORLD_SIZE/LOCAL_RANK variables DeepSpeed reads.
+MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
 
-    deepspeed and torchrun set RANK/WORLD_SIZE/LOCAL_RANK; mpirun (and srun --mpi) are discovered
-    by DeepSpeed through mpi4py; plain ``srun`` one task per GPU gives SLURM_PROCID/SLURM_NTASKS/
-    SLURM_LOCALID; a plain ``python launch/finetune.py`` is one process.
+
+def _launcher_environment() -> str:
+    """Maps each launcher's conventions onto what ``deepspeed.init_distributed`` reads; returns the launcher.
+
+    ``deepspeed`` and ``torchrun`` set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; ``mpirun`` and
+    ``srun --mpi=pmix`` are discovered by DeepSpeed through mpi4py; plain ``srun`` (one task per GPU)
+    gives SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; ``python launch/finetune.py`` is one process.
     """
-    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ:
-        return
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))  # fmt: skip
-        return
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
+    env = os.environ
+    if "RANK" in env:
+        absent = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if absent:
+            fail(f"RANK is set but {', '.join(absent)} is not: start the run with deepspeed, torchrun, mpirun or srun "
+                 "(which set them all), or unset RANK for a single process")  # fmt: skip
+        return "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
+    if any(k in env for k in MPI_RANK_VARIABLES):
+        try:
+            import mpi4py  # noqa: F401  (DeepSpeed's MPI discovery imports it)
+        except ImportError:
+            fail("started by mpirun/srun --mpi but mpi4py is not installed: pip install mpi4py (or rose_ds[mpi])")
+        env.setdefault("MASTER_PORT", _job_port())  # passed on to the discovery, which would otherwise fix 29500
+        return "mpi"
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        if "MASTER_ADDR" not in env:  # the first node of the allocation, as the sbatch scripts compute it
+            nodes = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True,
+                                   text=True, check=False).stdout.split()  # fmt: skip
+            if not nodes:
+                fail("srun without MASTER_ADDR and `scontrol show hostnames` failed: export MASTER_ADDR (the first "
+                     "node of the job) before srun")  # fmt: skip
+            env["MASTER_ADDR"] = nodes[0]
+        env.setdefault("MASTER_PORT", _job_port())
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+        return "srun"
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+            env["MASTER_PORT"] = str(sock.getsockname()[1])
+    return "single process"
+
+
+def _job_port() -> str:
+    """The rendezvous port: derived from the SLURM job id as the sbatch scripts do (parallel jobs on one node
+    must not collide), else DeepSpeed's default."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return str(20000 + int(job) % 20000) if job else "29500"
 
 
 def _float(value) -> float | None:

@@ -133,6 +133,18 @@ def test_bad_rose_value_is_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("finetune.py: error: --rose_upper")
 
 
+def test_inconsistent_launcher_variables_are_one_line(tmp_path):
+    env = dict(os.environ, RANK="0", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    for key in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    out = tmp_path / "x"
+    proc = subprocess.run([sys.executable, "launch/finetune.py", "--output_dir", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and not out.exists()
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("finetune.py: error: RANK is set but WORLD_SIZE, MASTER_ADDR, MASTER_PORT is not")
+
+
 def test_local_pair_task_boolq(tmp_path):
     import importlib.util
 
