@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from rose_ds.config import RoseConfig
 from rose_ds.losses import RoseLosses, rose_losses
-from rose_ds.optim import RoseAdamW
+from rose_ds.optim import RoseAdamW, sum_of_squares
 from rose_ds.selection import mask_coefficients, masking_active, needs_robust_gradient, needs_second_order
 
 
@@ -73,6 +73,7 @@ def initialize(
     eps: float = 1e-6,
     weight_decay: float = 0.01,
     param_groups: Iterable[dict[str, Any]] | None = None,
+    fused: bool = False,
     **deepspeed_kwargs: Any,
 ):
     """``deepspeed.initialize`` with RoseAdamW installed as the client optimizer.
@@ -88,6 +89,7 @@ def initialize(
         rose: The ROSE configuration.
         lr, betas, eps, weight_decay: RoseAdamW hyper-parameters.
         param_groups: Optional named param groups (``(name, tensor)`` pairs) instead of the default two.
+        fused: Use torch's fused Adam kernel for the masked update (``RoseAdamW(fused=True)``).
         **deepspeed_kwargs: Passed to ``deepspeed.initialize`` (``lr_scheduler``, ``training_data``, ...).
 
     Returns:
@@ -107,7 +109,7 @@ def initialize(
     if offload.get("device", "none") not in (None, "none"):
         ds_config["zero_force_ds_cpu_optimizer"] = False
     groups = list(param_groups) if param_groups is not None else decay_param_groups(model, weight_decay)
-    optimizer = RoseAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rose=rose)
+    optimizer = RoseAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rose=rose, fused=fused)
     # FP16_UnfusedOptimizer (stage 0, bf16/fp16) calls step() once inside initialize with zero
     # gradients; until bound, step() only creates the state.
     optimizer._await_binding = True
@@ -557,7 +559,5 @@ def _index_sum_of_squares(pairs: list[tuple[int, Tensor]], n: int) -> Tensor:
     out = torch.zeros(n, dtype=torch.float64)
     pairs = [(i, t) for i, t in pairs if t.numel() > 0]
     if pairs:
-        norms = torch._foreach_norm([t for _, t in pairs], 2, dtype=torch.float32)
-        values = torch.stack(norms).to(device="cpu", dtype=torch.float64) ** 2
-        out.index_add_(0, torch.tensor([i for i, _ in pairs], dtype=torch.long), values)
+        out.index_add_(0, torch.tensor([i for i, _ in pairs], dtype=torch.long), sum_of_squares([t for _, t in pairs]))
     return out
