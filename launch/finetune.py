@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     rank, world = dist.get_rank(), dist.get_world_size()
+    # before the first collective: NCCL refuses ranks of one node that share a device
+    get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     # where every rank runs (SLURMD_NODENAME tells fake nodes that share one host apart)
     placement = [None] * world
     dist.all_gather_object(placement, {"rank": rank, "local_rank": int(os.environ.get("LOCAL_RANK", 0)),

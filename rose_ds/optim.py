@@ -403,9 +403,10 @@ def _squared_norms(tensors: Sequence[Tensor | None]) -> Tensor:
 def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
     """Squared L2 norm of each tensor as a float64 CPU vector, accumulated in fp32 (also for bf16/fp16).
 
-    fp32 CPU tensors go through BLAS ``dot(x, x)``, which streams memory 2.4x faster than
+    fp32 CPU tensors go through BLAS ``dot(x, x)``, which streams memory about twice as fast as
     ``_foreach_norm`` on the CPU (benchmarks/RESULTS.md) and is bit-reproducible run to run; other
-    devices and dtypes use one ``_foreach_norm`` launch for the whole list.
+    devices and dtypes use one ``_foreach_norm`` launch for the whole list. A squared norm beyond
+    fp32's range (a norm above 1.8e19) is inf, which the selection freezes like any infinite score.
     """
     if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
         flat = [t.reshape(-1) for t in tensors]
