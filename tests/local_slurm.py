@@ -93,9 +93,7 @@ class LocalSlurm:
     def _write_conf(self) -> None:
         ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
         host = socket.gethostname()
-        pmix = Path("/usr/lib/x86_64-linux-gnu/slurm-wlm/mpi_pmix.so").exists() or any(
-            Path("/usr/lib").glob("*/slurm-wlm/mpi_pmix.so")
-        )
+        pmix = any(Path("/usr/lib").glob("*/slurm-wlm/mpi_pmix.so"))
         for sub in ("state", "spool", "log", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         for node in self.nodes:

@@ -136,16 +136,21 @@ def _wait(env: dict, job: str, timeout: float = 600) -> str:
     raise AssertionError(f"job {job} did not end within {timeout:.0f} s")
 
 
+def _submit(env: dict, script: str, output: str, *options: str, args: list[str] = ()) -> str:
+    """Submits a project sbatch script unchanged (CPU overrides as sbatch options) and returns the job id."""
+    cmd = ["sbatch", "--parsable", *CPU_JOB, f"--output={output}", *options, str(ROOT / "launch" / "slurm" / script),
+           *args]  # fmt: skip
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+
 def _sbatch(slurm, script: str, *options: str, env: dict | None = None, args: list[str] = FINETUNE):
     """Submits a project sbatch script unchanged (CPU overrides on the command line), waits for it and
     returns the job id, the runs directory and the job's output."""
     cluster, root = slurm
     runs = root / "runs"
     runs.mkdir(exist_ok=True)  # SLURM drops the job's output silently when its directory is missing
-    cmd = ["sbatch", "--parsable", *CPU_JOB, f"--output={runs}/%x-%j.out", *options,
-           str(ROOT / "launch" / "slurm" / script), *args]  # fmt: skip
     job_env = _env(SLURM_CONF=str(cluster.conf), RUN_ROOT=str(runs), GPUS_PER_NODE="1", **(env or {}))
-    job = subprocess.run(cmd, cwd=ROOT, env=job_env, capture_output=True, text=True, check=True).stdout.strip()
+    job = _submit(job_env, script, f"{runs}/%x-%j.out", *options, args=args)
     info = _wait(job_env, job)
     logs = "".join(p.read_text() for p in sorted(runs.glob(f"*-{job}*.out")))
     assert "ExitCode=0:0" in info and "JobState=COMPLETED" in info, f"job {job} failed:\n{logs[-5000:]}\n{info}"
@@ -195,9 +200,7 @@ def test_sweep_array_and_gathered_table(slurm):
 def test_sweep_refuses_an_index_without_a_combination(slurm):
     cluster, root = slurm
     env = _env(SLURM_CONF=str(cluster.conf), UPPERS="30 60")
-    cmd = ["sbatch", "--parsable", *CPU_JOB, f"--output={root}/%x-%A_%a.out", "--array=2",
-           str(ROOT / "launch" / "slurm" / "sweep.sbatch")]  # fmt: skip
-    job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    job = _submit(env, "sweep.sbatch", f"{root}/%x-%A_%a.out", "--array=2")
     assert "JobState=FAILED" in _wait(env, job)
     log = next(root.glob(f"rose-sweep-{job}_2.out")).read_text()
     assert "array index 2 has no combination: there are 2, submit with --array=0-1" in log
@@ -212,10 +215,7 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm):
     runs.mkdir(exist_ok=True)
     env = _env(SLURM_CONF=str(cluster.conf), RUN_ROOT=str(runs), DISCOVERY="env")
     args = [*FINETUNE, "--max_steps", "8"]
-    submit = subprocess.run(["sbatch", "--parsable", *CPU_JOB, "--ntasks-per-node=1", f"--output={runs}/%x-%j.out",
-                             str(ROOT / "launch" / "slurm" / "srun.sbatch"), *args], cwd=ROOT, env=env,
-                            capture_output=True, text=True, check=True)  # fmt: skip
-    job = submit.stdout.strip()
+    job = _submit(env, "srun.sbatch", f"{runs}/%x-%j.out", "--ntasks-per-node=1", args=args)
     run_dir = runs / f"rose-srun-{job}"
 
     def scontrol(*words: str) -> str:
