@@ -50,14 +50,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     _, validation, adv, num_labels, task = load_data(args, tokenizer)
-    if checkpoint:
+    if checkpoint:  # DeepSpeed's files need full unpickling: only for checkpoints you trust (docs/checkpoints.md)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         model = AutoModelForSequenceClassification.from_pretrained(run["model_path"], num_labels=num_labels)
         state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir), tag=path.name)
         model.load_state_dict(state)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(run_dir)
+        model = AutoModelForSequenceClassification.from_pretrained(run_dir, use_safetensors=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     device = get_accelerator().current_device_name()
     model.to(device).eval()

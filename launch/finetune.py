@@ -39,12 +39,14 @@ import torch
 import transformers
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rose_ds  # noqa: E402
+from rose_ds import checkpoint as ckpt  # noqa: E402
 from rose_ds import data as rose_data  # noqa: E402
-from rose_ds.dsconfig import ConfigConflictError, fill_auto  # noqa: E402
+from rose_ds import zero as rose_zero  # noqa: E402
+from rose_ds.dsconfig import ConfigConflictError, fill_auto, validate  # noqa: E402
 from rose_ds.presets import preset  # noqa: E402
 
 
@@ -91,7 +93,10 @@ class Args:
         default="runs/finetune", metadata={"help": "where logs, checkpoints and the final model go"}
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "allow a non-empty --output_dir without --resume_from_checkpoint"}
+        default=False,
+        metadata={
+            "help": "start afresh in a non-empty --output_dir (its checkpoints, latest and metrics.jsonl are removed)"
+        },
     )
     per_device_train_batch_size: int = field(default=16, metadata={"help": "micro-batch per process"})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "evaluation batch per process"})
@@ -120,11 +125,16 @@ class Args:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "'auto' (newest global_step* in --output_dir, if any) or a checkpoint folder"}
     )
+    max_nonfinite_steps: int = field(
+        default=10,
+        metadata={
+            "help": "fp16: stop after N consecutive optimizer steps with a NaN/inf loss (each is skipped by the "
+            "loss scaler and counted); fp32/bf16 stop at the first, whose update cannot be skipped"
+        },
+    )
     seed: int = field(default=42, metadata={"help": "seed of data order, initialisation and dropout"})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (fills bf16.enabled)"})
-    fp16: bool = field(
-        default=False, metadata={"help": "fp16 mixed precision with loss scaling (GPU; fills fp16.enabled)"}
-    )
+    fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision with loss scaling (fills fp16.enabled)"})
     report_to: str = field(
         default="none", metadata={"help": "'tensorboard' also writes TensorBoard logs to --output_dir/runs"}
     )
@@ -148,9 +158,15 @@ class Args:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, as every other bad input (argparse prints usage too)
+        fail(f"{message}; see --help")
+
+
 def parse_args(argv: list[str] | None = None) -> Args:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    # no abbreviations: a misspelt flag (--learning_rat) must not silently become another one
+    parser = _Parser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False
     )
     for f in dataclasses.fields(Args):
         if f.type == "bool":
@@ -158,6 +174,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
         else:  # "int", "float | None", ...: the first word names the type
             caster = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
             parser.add_argument(f"--{f.name}", type=caster, default=f.default, help=f.metadata["help"])
+    parser.add_argument("--resume", dest="resume_from_checkpoint", help="short for --resume_from_checkpoint")
     args = Args(**vars(parser.parse_args(argv)))
     if args.rose_preset:
         try:
@@ -176,23 +193,45 @@ def fail(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     # ---------------------------------------------------------------- arguments, processes, output
+    # Every check that needs no data or weights comes first: bad input costs seconds, not a model load,
+    # and leaves --output_dir as it was (nothing is written before the loop starts).
     args = parse_args(argv)
-    try:
-        rose = rose_ds.RoseConfig(
-            mode=args.rose_mode, upper=args.rose_upper, lower=args.rose_lower, gamma=args.rose_gamma,
-            second_order_coef=args.rose_second_order_coef, warmup_steps=args.rose_warmup_steps,
-            eligibility=args.rose_eligibility, eligibility_regex=args.rose_eligibility_regex,
-        )  # fmt: skip
-    except rose_ds.RoseConfigError as err:
-        fail(str(err).replace("RoseConfig.", "--rose_"))
-    if not Path(args.deepspeed).is_file():
-        fail(f"--deepspeed {args.deepspeed!r}: no such file")
+    rose = check_arguments(args)
+    raw_ds_config = read_deepspeed_config(args.deepspeed)
     embedded = args.model_name_or_path is None and args.train_file is None and args.task_name == "rotten_tomatoes"
     if embedded and args.max_steps <= 0:
         args.max_steps = 200  # keeps the offline default under 10 minutes on 2 CPU cores
     out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        fail(f"--output_dir {str(out)!r} is a file; pass a folder")
     if out.is_dir() and any(out.iterdir()) and not (args.overwrite_output_dir or args.resume_from_checkpoint):
         fail(f"--output_dir {str(out)!r} is not empty; pass --overwrite_output_dir or --resume_from_checkpoint auto")
+    try:
+        checkpoint = ckpt.resolve(args.resume_from_checkpoint, out)
+        resumed_record = ckpt.read_record(checkpoint) if checkpoint else None
+    except ckpt.CheckpointError as err:
+        fail(f"--resume_from_checkpoint: {err}")
+    try:
+        model_path = args.model_name_or_path or rose_data.embedded_model_path()
+        model_config = AutoConfig.from_pretrained(model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as err:  # a missing package, folder or model, or the hub out of reach
+        fail(f"--model_name_or_path {model_path!r}: {str(err).splitlines()[0]}")
+    limit = _sequence_limit(model_config, tokenizer)
+    if limit is not None and args.max_seq_length > limit:
+        fail(
+            f"--max_seq_length {args.max_seq_length} is above the model's limit of {limit} tokens; pass {limit} or less"
+        )
+    if tokenizer.pad_token is None:  # decoder models (GPT-2, Llama) have none
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        with torch.device("meta"):  # parameter names without weights: the rule is judged before the load
+            skeleton = AutoModelForSequenceClassification.from_config(model_config)
+        rose_ds.selection.eligible_names([n for n, _ in skeleton.named_parameters()], rose)
+    except rose_ds.NoEligibleTensorError as err:
+        fail(str(err))
+    except (ValueError, KeyError) as err:  # no sequence-classification class for this architecture
+        fail(f"--model_name_or_path {model_path!r}: {str(err).splitlines()[0][:200]}")
     launcher = _launcher_environment()
     if get_accelerator().device_name() == "cpu":
         # On CPU, init_distributed JIT-compiles DeepSpeed's shared-memory all-reduce op (minutes on a
@@ -211,40 +250,47 @@ def main(argv: list[str] | None = None) -> dict:
         deepspeed.utils.logger.setLevel(logging.ERROR)
         transformers.logging.set_verbosity_error()
         datasets.disable_progress_bars()
+    try:
+        ds_config = fill_auto(
+            raw_ds_config, world_size=world, micro_batch_size=args.per_device_train_batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
+            bf16=args.bf16, fp16=args.fp16, hidden_size=getattr(model_config, "hidden_size", None),
+        )  # fmt: skip
+    except ConfigConflictError as err:
+        fail(f"--deepspeed {args.deepspeed}: {err}")
     torch.manual_seed(args.seed)
     device = get_accelerator().current_device_name()
 
     # ---------------------------------------------------------------- data
     try:
-        model_path = args.model_name_or_path or rose_data.embedded_model_path()
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        if tokenizer.pad_token is None:  # decoder models (GPT-2, Llama) have none
-            tokenizer.pad_token = tokenizer.eos_token
         train, validation, adv, num_labels, task_for_adv = load_data(args, tokenizer)
-    except OSError as err:  # a missing package, file or model, or the hub out of reach
+    except OSError as err:  # a missing package or file, or the hub out of reach
         fail(str(err).splitlines()[0])
     collate = DataCollatorWithPadding(tokenizer)
     sampler = torch.utils.data.DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    # its own generator: a new epoch's iterator must not draw from the global RNG that dropout uses,
+    # or a resumed run would see other dropout masks than an uninterrupted one
     loader = torch.utils.data.DataLoader(train, batch_size=args.per_device_train_batch_size, sampler=sampler,
-                                         collate_fn=collate, drop_last=True)  # fmt: skip
+                                         collate_fn=collate, drop_last=True,
+                                         generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
+    if len(loader) < args.gradient_accumulation_steps:
+        fail(f"{len(train)} training examples make no optimizer step of {world} x --per_device_train_batch_size "
+             f"{args.per_device_train_batch_size} x --gradient_accumulation_steps {args.gradient_accumulation_steps}"
+             "; lower those or use more data")  # fmt: skip
 
     # ---------------------------------------------------------------- model, DeepSpeed, ROSE
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
     model.config.pad_token_id = tokenizer.pad_token_id
+    signature = {**ckpt.model_signature(model), "path": model_path}
+    load_tag = "."
+    if resumed_record is not None:
+        try:
+            ckpt.check_resumable(resumed_record, signature, checkpoint)
+            load_tag = ckpt.prepare_load(checkpoint, resumed_record, world, ds_config)  # another world size
+        except ckpt.CheckpointError as err:
+            fail(f"--resume_from_checkpoint: {err}")
     steps_per_epoch = max(1, len(loader) // args.gradient_accumulation_steps)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    try:
-        ds_config = fill_auto(
-            json.loads(Path(args.deepspeed).read_text()), world_size=world,
-            micro_batch_size=args.per_device_train_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
-            bf16=args.bf16, fp16=args.fp16, hidden_size=getattr(model.config, "hidden_size", None),
-        )  # fmt: skip
-    except (ConfigConflictError, json.JSONDecodeError) as err:
-        fail(f"--deepspeed {args.deepspeed}: {err}")
-    if "scheduler" in ds_config:
-        fail(f"--deepspeed {args.deepspeed}: remove the 'scheduler' section; the learning rate follows --warmup_steps "
-             "then decays linearly to 0 over the run")  # fmt: skip
 
     def linear_schedule(step: int) -> float:
         if step < args.warmup_steps:
@@ -262,26 +308,60 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = rose_ds.rose_optimizer(engine)
 
     # ---------------------------------------------------------------- resume
-    state = {"epoch": 0, "batches_done": 0, "log_history": [], "mask_history": []}
-    checkpoint = _resolve_checkpoint(args.resume_from_checkpoint, out)
+    # everything that shapes the rest of the run: the loop's position and logs here; weights, moments,
+    # scheduler, loss scale and step counts in DeepSpeed's files; each rank's RNG (dropout) beside them
+    state = {"epoch": 0, "batches_done": 0, "window": [0.0, 0], "nonfinite": 0, "last_saved": None,
+             "good_checkpoint": None, "log_history": [], "mask_history": []}  # fmt: skip
     if checkpoint is not None:
-        _, client = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-        state.update((client or {}).get("finetune_loop", {}))
+        state.update(ckpt.load(engine, checkpoint, load_tag))
+        state["last_saved"] = checkpoint.name  # judged good by the first finite loss after it
+        # the schedule keeps its position but takes this run's --learning_rate as its peak (the restored
+        # scheduler would keep the old one, and a run stopped for NaN is resumed with a lower one)
+        scheduler.base_lrs = [args.learning_rate for _ in scheduler.base_lrs]
+        scheduler._last_lr = [base * linear_schedule(scheduler.last_epoch) for base in scheduler.base_lrs]
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler._last_lr, strict=True):
+            group["lr"] = lr
+        saved_world = resumed_record["world_size"]
+        if saved_world != world:
+            # the position in the epoch is kept in examples; the sampler deals the same permutation
+            # to the new ranks, so the epoch goes on from (about) where it stopped
+            examples_done = state["batches_done"] * args.per_device_train_batch_size * saved_world
+            per_window = args.per_device_train_batch_size * world * args.gradient_accumulation_steps
+            state["batches_done"] = examples_done // per_window * args.gradient_accumulation_steps
         if is_main:
-            print(f"resumed from {checkpoint} at step {engine.global_steps}")
+            ckpt.remove_partial(out)
+            # logs of steps after the checkpoint were written by the run that died: rewritten from it
+            train_records = "".join(json.dumps(r) + "\n" for r in state["log_history"] if "loss" in r)
+            (out / "metrics.jsonl.tmp").write_text(train_records)
+            os.replace(out / "metrics.jsonl.tmp", out / "metrics.jsonl")
+            moved = f" (world size {saved_world} -> {world})" if saved_world != world else ""
+            print(f"resumed from {checkpoint} at step {engine.global_steps}{moved}")
+    elif is_main and out.is_dir():  # a fresh run over an old one (--overwrite_output_dir)
+        # its checkpoints and pointer would let a later --resume auto continue the old run
+        for old in [*out.glob("global_step*"), *out.glob(".tmp-global_step*")]:
+            shutil.rmtree(old, ignore_errors=True)
+        for name in (ckpt.LATEST, "metrics.jsonl"):
+            (out / name).unlink(missing_ok=True)
+    saved_step = engine.global_steps if checkpoint is not None else -1
+    ckpt_record = {"model": signature, "world_size": world, "zero_stage": engine.zero_optimization_stage(),
+                   "rose": rose.to_dict(), "seed": args.seed}  # fmt: skip
+
+    def save() -> None:
+        state["last_saved"] = ckpt.save(engine, out, state, ckpt_record, args.save_total_limit).name
+
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         resolved = {"args": dataclasses.asdict(args), "deepspeed": ds_config, "rose": rose.to_dict(),
                     "world_size": world, "launcher": launcher, "ranks": placement,
                     "model_path": model_path}  # fmt: skip
         (out / "run_config.json").write_text(json.dumps(resolved, indent=2))
-    writer = _tensorboard(args, out) if is_main else None
+    writer = _tensorboard(args, out, engine.global_steps) if is_main else None
 
     # ---------------------------------------------------------------- train
     engine.train()
     interactive = is_main and sys.stdout.isatty()
     bar = tqdm(total=total_steps, initial=engine.global_steps, disable=not interactive, desc="train")
-    started, examples, window_loss, window_n = time.time(), 0, 0.0, 0
+    started, examples, finite = time.time(), 0, True
     done = engine.global_steps >= total_steps
     while not done:
         sampler.set_epoch(state["epoch"])
@@ -294,17 +374,22 @@ def main(argv: list[str] | None = None) -> dict:
             losses = rose_ds.train_step(engine, batch, labels)
             state["batches_done"] = i + 1
             examples += labels.shape[0] * world
-            window_loss, window_n = window_loss + float(losses.task.detach()), window_n + 1
+            loss = float(losses.task.detach())
+            state["window"] = [state["window"][0] + loss, state["window"][1] + 1]
+            finite = finite and math.isfinite(loss)
             if engine.global_steps == before:
                 continue  # inside an accumulation window
             step = engine.global_steps
+            check_finite(finite, state, step, args, out)
+            finite = True
             state["mask_history"].append([optimizer.last_mask.get(n, 1.0) for n in optimizer.eligible_names])
             if step % args.logging_steps == 0 or step == total_steps:
                 record = {"step": step, "epoch": state["epoch"] + state["batches_done"] / max(1, len(loader)),
-                          "loss": window_loss / window_n, "learning_rate": scheduler.get_last_lr()[0],
+                          "loss": state["window"][0] / state["window"][1], "learning_rate": scheduler.get_last_lr()[0],
                           "grad_norm": _float(engine.get_global_grad_norm()), "kept_fraction": optimizer.kept_fraction,
+                          "skipped_steps": engine.skipped_steps,
                           "examples_per_second": examples / (time.time() - started)}  # fmt: skip
-                window_loss, window_n = 0.0, 0
+                state["window"] = [0.0, 0]
                 state["log_history"].append(record)
                 if is_main:
                     with open(out / "metrics.jsonl", "a") as f:
@@ -328,8 +413,9 @@ def main(argv: list[str] | None = None) -> dict:
                 _log_eval(evaluate_all(engine, validation, adv, collate, args, device, task_for_adv), step, state, out,
                           writer, is_main)  # fmt: skip
                 engine.train()
-            if args.save_steps and step % args.save_steps == 0:
-                save_checkpoint(engine, out, state, args.save_total_limit)
+            if args.save_steps and step % args.save_steps == 0 and not state["nonfinite"]:
+                save()
+                saved_step = step
             if step >= total_steps:
                 done = True
                 break
@@ -346,8 +432,8 @@ def main(argv: list[str] | None = None) -> dict:
     # ---------------------------------------------------------------- final evaluation and outputs
     metrics = evaluate_all(engine, validation, adv, collate, args, device, task_for_adv)
     _log_eval(metrics, engine.global_steps, state, out, writer, is_main)
-    if args.save_steps:
-        save_checkpoint(engine, out, state, args.save_total_limit)
+    if args.save_steps and saved_step != engine.global_steps:
+        save()
     export_model(engine, model, tokenizer, out)
     train_losses = [r["loss"] for r in state["log_history"] if "loss" in r]
     results = {"train_runtime": runtime, "train_samples_per_second": examples / max(runtime, 1e-9),
@@ -358,7 +444,8 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "eval_results.json").write_text(json.dumps({f"eval_{k}": v for k, v in metrics.items()}, indent=2))
         (out / "all_results.json").write_text(json.dumps(results, indent=2))
         trainer_state = {"global_step": engine.global_steps, "max_steps": total_steps, "epoch": state["epoch"],
-                         "log_history": state["log_history"], "eligible_tensors": optimizer.eligible_names}  # fmt: skip
+                         "log_history": state["log_history"], "eligible_tensors": optimizer.eligible_names,
+                         "mask_history": state["mask_history"]}  # fmt: skip
         (out / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         plot_run(state, optimizer.eligible_names, out / "training.png")
         summary = f"clean validation accuracy {metrics['accuracy']:.4f}"
@@ -373,6 +460,63 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def check_arguments(args: Args) -> rose_ds.RoseConfig:
+    """The arguments that can be judged alone; returns the ROSE config they make."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "max_seq_length", "logging_steps"):  # fmt: skip
+        if getattr(args, name) < 1:
+            fail(f"--{name} {getattr(args, name)}: must be at least 1")
+    for name in ("eval_steps", "save_steps", "warmup_steps"):
+        if getattr(args, name) < 0:
+            fail(f"--{name} {getattr(args, name)}: must be 0 or more")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        fail(f"--save_total_limit {args.save_total_limit}: keep at least 1 checkpoint (or leave it unset: keep all)")
+    if not args.learning_rate > 0 or not math.isfinite(args.learning_rate):
+        fail(f"--learning_rate {args.learning_rate}: must be a positive number")
+    if args.max_steps <= 0 and not args.num_train_epochs > 0:
+        fail(f"--num_train_epochs {args.num_train_epochs}: must be positive (or pass --max_steps)")
+    if args.bf16 and args.fp16:
+        fail("--bf16 and --fp16 are exclusive; pass one")
+    if args.fp16 and not get_accelerator().is_fp16_supported():
+        fail(f"--fp16: the {get_accelerator().device_name()} accelerator has no fp16 support; use --bf16 or no flag")
+    if args.report_to not in ("none", "tensorboard"):
+        fail(f"--report_to {args.report_to!r}: use 'none' or 'tensorboard'")
+    if args.max_nonfinite_steps < 1:
+        fail(f"--max_nonfinite_steps {args.max_nonfinite_steps}: must be at least 1")
+    try:
+        return rose_ds.RoseConfig(
+            mode=args.rose_mode, upper=args.rose_upper, lower=args.rose_lower, gamma=args.rose_gamma,
+            second_order_coef=args.rose_second_order_coef, warmup_steps=args.rose_warmup_steps,
+            eligibility=args.rose_eligibility, eligibility_regex=args.rose_eligibility_regex,
+        )  # fmt: skip
+    except rose_ds.RoseConfigError as err:
+        fail(str(err).replace("RoseConfig.", "--rose_"))
+
+
+def read_deepspeed_config(path: str) -> dict:
+    """The DeepSpeed JSON, refused early when it is missing, not JSON, or cannot work with rose_ds."""
+    if not Path(path).is_file():
+        fail(f"--deepspeed {path!r}: no such file")
+    try:
+        config = json.loads(Path(path).read_text())
+        validate(config)
+        rose_zero.check_config(config)
+    except json.JSONDecodeError as err:
+        fail(f"--deepspeed {path}: not valid JSON ({err})")
+    except (ConfigConflictError, rose_ds.UnsupportedConfigError) as err:
+        fail(f"--deepspeed {path}: {err}")
+    return config
+
+
+def _sequence_limit(config, tokenizer) -> int | None:
+    """Tokens the model can take: the tokenizer's limit when it states one (RoBERTa's 512 of 514
+    positions), else the position embeddings; None when neither says."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit is not None and limit < 10**6:  # 'unset' is a huge sentinel
+        return int(limit)
+    return getattr(config, "max_position_embeddings", None)
+
+
 def load_data(args: Args, tokenizer):
     """Tokenized (train, validation, AdvGLUE or None), the label count and the AdvGLUE task name."""
     spec = rose_data.TASKS.get(args.task_name)
@@ -381,10 +525,17 @@ def load_data(args: Args, tokenizer):
         if not args.validation_file:
             fail("--train_file needs --validation_file")
         columns = (args.text_column,) + ((args.text_pair_column,) if args.text_pair_column else ())
+        for flag, path in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
+            if not Path(path).is_file():
+                fail(f"{flag} {path!r}: no such file")
         try:
             raw, num_labels = rose_data.load_local(args.train_file, args.validation_file, columns, args.label_column)
         except (ValueError, FileNotFoundError) as err:
             fail(str(err))
+        except Exception as err:  # the datasets builder's parse errors name neither the file nor the fix
+            cause = str(err.__cause__ or err).splitlines()[0][:200]
+            fail(f"--train_file / --validation_file could not be read as {Path(args.train_file).suffix} ({cause}); "
+                 "check the file's format")  # fmt: skip
         task_for_adv = None
     elif spec is None:
         fail(f"--task_name {args.task_name!r} is unknown; use one of {', '.join(rose_data.TASKS)} or --train_file")
@@ -401,6 +552,14 @@ def load_data(args: Args, tokenizer):
     validation = raw["validation"]
     if args.max_eval_samples:
         validation = validation.select(range(min(args.max_eval_samples, len(validation))))
+    for split, dataset in (("training", train), ("validation", validation)):
+        if len(dataset) == 0:
+            fail(f"the {split} split is empty (after --max_{'train' if split == 'training' else 'eval'}_samples); "
+                 "pass data with examples")  # fmt: skip
+        bad = [y for y in set(dataset["label"]) if not 0 <= y < num_labels]
+        if bad:
+            fail(f"the {split} split has label(s) {sorted(bad)[:5]} out of range for the {num_labels}-class head "
+                 "(classes are 0..K-1; -1 marks unlabeled test rows): drop those rows")  # fmt: skip
 
     def encode(batch):
         return tokenizer(*[batch[c] for c in columns], truncation=True, max_length=args.max_seq_length)
@@ -457,27 +616,23 @@ def _log_eval(metrics, step, state, out, writer, is_main) -> None:
                 writer.add_scalar(f"eval/{k}", v, step)
 
 
-def save_checkpoint(engine, out: Path, state: dict, keep: int | None) -> None:
-    """DeepSpeed checkpoint ``global_stepN/`` with the loop state as client state; old ones pruned."""
-    tag = f"global_step{engine.global_steps}"
-    engine.save_checkpoint(str(out), tag=tag, client_state={"finetune_loop": dict(state)})
-    dist.barrier()
-    if keep and dist.get_rank() == 0:
-        steps = sorted((p for p in out.glob("global_step*") if p.is_dir()), key=lambda p: int(p.name[11:]))
-        for old in steps[:-keep]:
-            shutil.rmtree(old)
+def check_finite(finite: bool, state: dict, step: int, args: Args, out: Path) -> None:
+    """Stops the run on a loss that stays NaN/inf (every rank decides the same: the count is all-reduced).
 
-
-def _resolve_checkpoint(value: str | None, out: Path) -> Path | None:
-    if not value:
-        return None
-    if value == "auto":
-        latest = out / "latest"
-        return out / latest.read_text().strip() if latest.is_file() else None
-    path = Path(value)
-    if not path.is_dir():
-        fail(f"--resume_from_checkpoint {value!r}: no such checkpoint folder")
-    return path
+    Under fp16 DeepSpeed's loss scaler skips an overflowing step and lowers the scale, so a few in a
+    row are normal (no checkpoint is written during them); in fp32/bf16 nothing skips the update, so
+    the weights are already poisoned. The good checkpoint named is the newest one whose weights gave
+    a finite loss at the next step."""
+    flag = torch.tensor([0.0 if finite else 1.0], device=get_accelerator().current_device_name())
+    dist.all_reduce(flag)
+    state["nonfinite"] = state["nonfinite"] + 1 if flag.item() > 0 else 0
+    if not state["nonfinite"]:
+        # this finite loss came from the weights of the newest checkpoint (or later ones): it is good
+        state["good_checkpoint"] = state["last_saved"]
+    if state["nonfinite"] >= (args.max_nonfinite_steps if args.fp16 else 1):
+        good = str(out / state["good_checkpoint"]) if state["good_checkpoint"] else "none"
+        fail(f"the loss is NaN/inf at step {step} ({state['nonfinite']} step(s) in a row); last good checkpoint: "
+             f"{good}; resume from it with a lower --learning_rate or --max_grad_norm")  # fmt: skip
 
 
 def export_model(engine, model, tokenizer, out: Path) -> None:
@@ -532,14 +687,15 @@ def plot_run(state: dict, eligible: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def _tensorboard(args: Args, out: Path):
+def _tensorboard(args: Args, out: Path, step: int):
     if args.report_to != "tensorboard":
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         fail("--report_to tensorboard needs the tensorboard package: pip install tensorboard (or rose_ds[tensorboard])")
-    return SummaryWriter(str(out / "runs"))
+    # purge_step: events a killed run logged after the checkpoint it is resumed from are dropped
+    return SummaryWriter(str(out / "runs"), purge_step=step or None)
 
 
 MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")

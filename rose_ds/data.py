@@ -122,6 +122,9 @@ def load_local(train_file: str, validation_file: str, text_columns: tuple[str, .
     builder = {"csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}.get(ext)
     if builder is None:
         raise ValueError(f"--train_file {train_file!r}: unsupported extension {ext!r}; use csv, json, jsonl or parquet")
+    for split, path in (("train", train_file), ("validation", validation_file)):
+        if not _has_rows(path, builder):
+            raise ValueError(f"--{split}_file has no rows; pass a file with examples")
     data = datasets.load_dataset(builder, data_files={"train": train_file, "validation": validation_file})
     for column in (*text_columns, label_column):
         if column not in data["train"].column_names:
@@ -129,13 +132,34 @@ def load_local(train_file: str, validation_file: str, text_columns: tuple[str, .
                 f"--train_file has no column {column!r} (columns: {', '.join(data['train'].column_names)}); "
                 "set --text_column / --text_pair_column / --label_column"
             )
-    labels = sorted(set(data["train"][label_column]))
+    for split in ("train", "validation"):
+        if len(data[split]) == 0:
+            raise ValueError(f"--{split}_file has no rows; pass a file with examples")
+    labels = sorted(set(data["train"][label_column]) | set(data["validation"][label_column]), key=str)
+    if any(v is None for v in labels):
+        raise ValueError(f"column {label_column!r} has empty labels; fill them or drop those rows")
     mapping = {v: i for i, v in enumerate(labels)}
-    if all(isinstance(v, int) for v in labels):
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+        # integer labels are class indices already: they must be 0..K-1 (-1 marks unlabeled GLUE test rows)
+        if labels[0] < 0:
+            raise ValueError(
+                f"column {label_column!r} has label {labels[0]}, out of range for a classification head "
+                "(classes are 0..K-1; -1 marks unlabeled test rows): drop those rows"
+            )
         mapping = {v: int(v) for v in labels}
     # a new column, then renamed: mapping onto the old one would keep its (string) type
     data = data.map(lambda row: {"_label": mapping[row[label_column]]}, remove_columns=[label_column])
     return data.rename_column("_label", "label"), max(mapping.values()) + 1
+
+
+def _has_rows(path: str, builder: str) -> bool:
+    """False for a text file without a data row (a CSV header alone, an empty JSON lines file), which
+    the datasets builders report as a schema error that names neither the file nor the cause."""
+    if builder == "parquet":
+        return True
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = (line for line in f if line.strip())
+        return next(lines, None) is not None and (builder != "csv" or next(lines, None) is not None)
 
 
 def load_glue(task: str):

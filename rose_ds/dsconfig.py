@@ -7,11 +7,79 @@ command line is an error naming both and the fix. Pure dict manipulation, no Dee
 from __future__ import annotations
 
 import copy
+import difflib
 from typing import Any
 
 
 class ConfigConflictError(ValueError):
-    """The DeepSpeed JSON and the command line disagree (one line naming the keys and the fix)."""
+    """The DeepSpeed JSON and the command line disagree, or the JSON cannot work (one line naming the
+    keys and the fix)."""
+
+
+# DeepSpeed's top-level config keys (https://www.deepspeed.ai/docs/config-json/; each is checked to occur
+# in the installed DeepSpeed by tests/test_zero_config.py). DeepSpeed ignores any other top-level key
+# without a word, so a misspelt section ("zero_optimisation") would silently train without it.
+KNOWN_KEYS = frozenset({
+    "activation_checkpointing", "aio", "amp", "autotuning", "bf16", "checkpoint", "comet", "comms_logger",
+    "communication_data_type", "compile", "compression_training", "csv_monitor", "curriculum_learning",
+    "data_efficiency", "data_types", "dataloader_drop_last", "disable_allgather", "dump_state", "eigenvalue",
+    "elasticity", "flops_profiler", "fp16", "gradient_accumulation_steps", "gradient_clipping",
+    "gradient_predivide_factor", "hybrid_engine", "memory_breakdown", "nebula", "optimizer", "pipeline",
+    "prescale_gradients", "progressive_layer_drop", "quantize_training", "scheduler",
+    "seq_parallel_communication_data_type", "sparse_attention", "sparse_gradients", "steps_per_print",
+    "tensorboard", "tensor_parallel", "timers", "torch_autocast", "train_batch_size",
+    "train_micro_batch_size_per_gpu", "use_data_before_expert_parallelism", "vocabulary_size", "wall_clock_breakdown",
+    "wandb", "weight_quantization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "zero_optimization",
+})  # fmt: skip
+
+
+def validate(config: Any) -> None:
+    """Refuses, before any expensive work, a DeepSpeed config that cannot run with rose_ds.
+
+    Checks: a JSON object; only known top-level keys (with the nearest known one suggested); no
+    ``optimizer`` or ``scheduler`` section (rose_ds brings both); a ZeRO stage of 0-3; offload only
+    where that stage can (parameters: stage 3; optimizer: stages 1-3), to ``cpu``/``none``/``nvme``
+    and with ``nvme_path`` for nvme; not bf16 and fp16 at once.
+
+    Raises:
+        ConfigConflictError: naming the key and the fix.
+    """
+    if not isinstance(config, dict):
+        raise ConfigConflictError(f"the top level must be a JSON object, not {type(config).__name__}")
+    for key in config:
+        if key not in KNOWN_KEYS:
+            close = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "remove it (see deepspeed.ai/docs/config-json)"
+            raise ConfigConflictError(f"unknown key {key!r}: {hint}")
+    if "optimizer" in config:
+        raise ConfigConflictError(
+            "remove the 'optimizer' section: rose_ds supplies RoseAdamW; set its hyper-parameters with "
+            "--learning_rate, --adam_beta1/2, --adam_epsilon, --weight_decay"
+        )
+    if "scheduler" in config:
+        raise ConfigConflictError("remove the 'scheduler' section; the learning rate follows --warmup_steps "
+                                  "then decays linearly to 0 over the run")  # fmt: skip
+    zero = config.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        raise ConfigConflictError('zero_optimization must be an object such as {"stage": 2}')
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigConflictError(f"zero_optimization.stage={stage!r}: use 0, 1, 2 or 3")
+    for key, lowest in (("offload_optimizer", 1), ("offload_param", 3)):
+        section = zero.get(key) or {}
+        device = section.get("device", "none") if isinstance(section, dict) else section
+        if device not in ("none", "cpu", "nvme", None):
+            raise ConfigConflictError(f"zero_optimization.{key}.device={device!r}: use 'cpu', 'nvme' or 'none'")
+        if device in ("cpu", "nvme") and stage < lowest:
+            what = "parameter offload needs stage 3" if lowest == 3 else "optimizer offload needs stage 1, 2 or 3"
+            raise ConfigConflictError(
+                f"zero_optimization.{key} with stage {stage}: {what}; raise the stage or remove it"
+            )
+        if device == "nvme" and not section.get("nvme_path"):
+            raise ConfigConflictError(f"zero_optimization.{key}.device='nvme' needs nvme_path (a local NVMe folder)")
+    if (config.get("bf16") or {}).get("enabled") is True and (config.get("fp16") or {}).get("enabled") is True:
+        raise ConfigConflictError('bf16.enabled and fp16.enabled are both true; enable one (or set both to "auto")')
 
 
 def fill_auto(

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -50,7 +51,7 @@ def task_loss(z: Tensor, labels: Tensor) -> Tensor:
 
 
 def rose_losses(model: Any, inputs: Mapping[str, Tensor], labels: Tensor, *, two_passes: bool = True) -> RoseLosses:
-    """Runs the model once or twice (dropout on) and returns ROSE's losses.
+    """Runs one or two dropout passes of the model and returns ROSE's losses.
 
     Args:
         model: Any callable whose output has ``.logits`` (a Hugging Face model, or a DeepSpeed
@@ -58,7 +59,10 @@ def rose_losses(model: Any, inputs: Mapping[str, Tensor], labels: Tensor, *, two
         inputs: Keyword inputs of the model (without ``labels``).
         labels: Class indices, or float targets for a one-output regression head.
         two_passes: ``False`` for modes that need no robust loss (``none``, ``second``): one
-            pass, ``robust`` is ``None``, ``task`` is the plain loss.
+            pass, ``robust`` is ``None``, ``task`` is the plain loss. ``True``: the two dropout
+            passes run as one forward over the batch stacked twice (tensor inputs whose first
+            dimension is the batch size are stacked, others passed as they are); ``logits1`` is
+            the first half of its output, ``logits2`` the second.
 
     Raises:
         ValueError: when the model is in eval mode with ``two_passes`` (dropout would be off, the
@@ -69,11 +73,22 @@ def rose_losses(model: Any, inputs: Mapping[str, Tensor], labels: Tensor, *, two
         return RoseLosses(task_loss(z1, labels), None, z1, None)
     if not getattr(model, "training", True):
         raise ValueError("rose_losses: the model is in eval mode; call model.train() so the two dropout passes differ")
-    # Two separate forward calls, not one over the batch stacked twice: under ZeRO-3 a second
-    # backward through one stacked forward finds its parameters already released.
-    z1, z2 = model(**inputs).logits, model(**inputs).logits
+    # One forward over the batch stacked twice, not two forward calls: the backward of two calls
+    # holds one pass's whole weight gradient in autograd's input buffers until the other pass
+    # reaches each weight (one full-model fp32 gradient of extra peak memory, measured in
+    # benchmarks/RESULTS.md), and at ZeRO-3 each call would gather every parameter again.
+    n = labels.shape[0]
+    z = model(**{k: _stack_twice(v, n) for k, v in inputs.items()}).logits
+    z1, z2 = z[:n], z[n:]
     task = 0.5 * task_loss(z1, labels) + 0.5 * task_loss(z2, labels)
     return RoseLosses(task, robust_loss(z1, z2), z1, z2)
+
+
+def _stack_twice(value: Any, batch: int) -> Any:
+    """The batch concatenated with itself along dim 0; non-batch inputs (no leading batch dim) pass."""
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return torch.cat([value, value])
+    return value
 
 
 __all__ = ["RoseLosses", "robust_loss", "rose_losses", "task_loss"]

@@ -26,5 +26,8 @@ def preset(name: str) -> tuple[float, str, float]:
         if task in table:
             lr, upper = table[task]
             return lr, mode, float(upper)
-    names = sorted(f"{t}-{s}-{m}" for (m, s), table in PUBLISHED.items() for t in table)
-    raise ValueError(f"--rose_preset {name!r} is unknown; choose one of {', '.join(names)}")
+    tasks = sorted({t for table in PUBLISHED.values() for t in table})
+    raise ValueError(
+        f"--rose_preset {name!r} is unknown; use TASK-SIZE-MODE with TASK one of {', '.join(tasks)}, SIZE base or "
+        "large, MODE first, second or ensemble (e.g. sst2-base-ensemble)"
+    )

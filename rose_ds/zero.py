@@ -103,7 +103,7 @@ def initialize(
         raise UnsupportedConfigError(
             "the DeepSpeed config defines an 'optimizer'; remove it: rose_ds installs RoseAdamW as the optimizer"
         )
-    _check_config(ds_config)
+    check_config(ds_config)
     ds_config["zero_allow_untested_optimizer"] = True
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}) or {}
     if offload.get("device", "none") not in (None, "none"):
@@ -207,7 +207,8 @@ def _load_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         raise UnsupportedConfigError(f"DeepSpeed config {str(path)!r} is not valid JSON: {err}") from None
 
 
-def _check_config(cfg: Mapping[str, Any]) -> None:
+def check_config(cfg: Mapping[str, Any]) -> None:
+    """Refuses DeepSpeed settings that rose_ds cannot map to tensors (UnsupportedConfigError)."""
     zero = cfg.get("zero_optimization", {}) or {}
     for key in ("offload_optimizer", "offload_param"):
         if ((zero.get(key) or {}).get("device") or "none") == "nvme":

@@ -91,6 +91,20 @@ def test_resume_auto_continues_from_the_newest_checkpoint(default_run, tmp_path)
 
 
 @needs_advglue
+def test_overwrite_output_dir_starts_afresh(default_run, tmp_path):
+    """A new run over an old one: the old checkpoints and logs go, so that a later --resume auto cannot
+    pick up the old run."""
+    out = tmp_path / "again"
+    shutil.copytree(default_run[0], out)
+    assert (out / "global_step4").is_dir()
+    run(["--deepspeed", "ds_configs/zero2.json", "--output_dir", str(out), "--max_steps", "2", "--save_steps", "1",
+         "--save_total_limit", "1", "--overwrite_output_dir", *SMALL])  # fmt: skip
+    assert sorted(p.name for p in out.glob("global_step*")) == ["global_step2"]
+    assert (out / "latest").read_text() == "global_step2"
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2]
+
+
+@needs_advglue
 def test_two_processes_with_the_deepspeed_launcher_at_zero3(tmp_path):
     out = tmp_path / "zero3"
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", "29541"]

@@ -38,6 +38,20 @@ def test_two_dropout_passes_on_a_real_model():
     assert single.robust is None and single.logits2 is None
 
 
+def test_the_two_passes_are_one_forward_over_the_stacked_batch():
+    """Each half of the stacked forward is an ordinary pass: without dropout both equal a plain
+    forward of the batch; the model is called once, on twice the batch."""
+    model = tiny_bert(dropout=0.0)
+    inputs, labels = random_batch(1)
+    shapes = []
+    model.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(kw["input_ids"].shape), with_kwargs=True)
+    losses = rose_losses(model, inputs, labels)
+    plain = model(**inputs).logits
+    assert shapes == [(2 * labels.shape[0], *inputs["input_ids"].shape[1:]), tuple(inputs["input_ids"].shape)]
+    assert torch.allclose(losses.logits1, plain, atol=1e-5) and torch.allclose(losses.logits2, plain, atol=1e-5)
+    assert losses.robust.abs().item() < 1e-6
+
+
 def test_regression_head_uses_mse():
     model = tiny_bert(dropout=0.1, num_labels=1)
     inputs, _ = random_batch(0)

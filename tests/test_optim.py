@@ -57,7 +57,10 @@ def rose_step(model, opt, step, clip=None):
 def reference_step(model, ref, step, clip=None):
     inputs, labels = random_batch(step)
     torch.manual_seed(500 + step)
-    z1, z2 = model(**inputs).logits, model(**inputs).logits
+    # the two dropout passes as one forward over the batch stacked twice (what rose_losses does,
+    # so that both runs draw the same dropout masks)
+    z = model(**{k: torch.cat([v, v]) for k, v in inputs.items()}).logits
+    z1, z2 = z.chunk(2)
     l_task, l_rob = reference_losses(z1, z2, labels)
     l_rob.backward(retain_graph=True)
     rob = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -68,18 +68,38 @@ for w, s, m, h in TRAFFIC:
     EXTRA_CASES.setdefault(w, []).append(_case(f"traffic-w{w}-s{s}-{m}-h{h}", stage=s, rose=ROSE[m], hidden=h, steps=3))
 
 
+# World-size change: 3 steps saved on 2 ranks (micro-batch 3) and on 3 ranks (micro-batch 2), same global
+# batch of 6; resumed for 2 more steps on 3 and on 2 ranks through DeepSpeed's universal checkpoint.
+RESIZE = [(2, 3), (3, 2)]
+for _stage in (1, 2, 3):
+    for _saved, _ in RESIZE:
+        EXTRA_CASES.setdefault(_saved, []).append(
+            _case(f"resize-s{_stage}-save-w{_saved}", stage=_stage, micro_bs=6 // _saved, steps=3, save=True)
+        )
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def resume_cases(world: int, root: str) -> list[dict]:
+    """Resumes, on ``world`` ranks, the checkpoints the other world size saved."""
+    saved = next(s for s, w in RESIZE if w == world)
+    return [
+        _case(f"resize-s{stage}-w{saved}-to-w{world}", stage=stage, micro_bs=6 // world, steps=2,
+              resume_from=str(launch(saved, root) / f"resize-s{stage}-save-w{saved}" / "checkpoints" / "global_step3"))
+        for stage in (1, 2, 3)
+    ]  # fmt: skip
+
+
 @functools.cache
-def launch(world: int, root: str) -> Path:
+def launch(world: int, root: str, resume: bool = False) -> Path:
     """Runs all cases of one world size in one torchrun job; returns the output directory."""
-    out = Path(root) / f"world{world}"
+    out = Path(root) / f"world{world}{'-resume' if resume else ''}"
     out.mkdir(parents=True, exist_ok=True)
-    cases = parity_cases(world) + EXTRA_CASES.get(world, [])
+    cases = resume_cases(world, root) if resume else parity_cases(world) + EXTRA_CASES.get(world, [])
     (out / "cases.json").write_text(json.dumps(cases))
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
     cmd = [
@@ -108,7 +128,7 @@ def results(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("zero"))
 
     def get(world, name):
-        case_dir = launch(world, root) / name
+        case_dir = launch(world, root, name.startswith("resize-") and "-to-" in name) / name
         ranks = [json.loads((case_dir / f"rank{r}.json").read_text()) for r in range(world)]
         weights = case_dir / "weights.pt"
         return ranks, torch.load(weights) if weights.exists() else None
@@ -238,3 +258,22 @@ def test_bf16_optimizer_wrapper_is_refused_at_start(results):
 def test_real_dropout_on_one_rank_matches_dense(results, stage):
     masks = assert_matches_dense(next(c for c in EXTRA_CASES[1] if c["name"] == f"dropout-w1-s{stage}"), 1, results)
     assert {v for m in masks for v in m.values()} >= {0.5, 1.0}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize(("saved", "world"), RESIZE)
+def test_world_size_change_keeps_moments_steps_and_selection(results, stage, saved, world):
+    """Saved on ``saved`` ranks after 3 steps, resumed on ``world`` ranks for 2 more: the resumed run
+    starts at step 3 with Adam's step count 3 and makes, at steps 4 and 5, exactly the selection of an
+    uninterrupted dense RoseAdamW, with weights equal to it (moments restored: Adam's update depends on
+    them at every element)."""
+    name = f"resize-s{stage}-w{saved}-to-w{world}"
+    ranks, weights = results(world, name)
+    assert all(r["resumed_at"] == 3 and r["resumed_optimizer_steps"] == [3] for r in ranks)
+    assert all(r["masks"] == ranks[0]["masks"] for r in ranks)
+    masks, dense = dense_run(_case("dense", stage=stage, micro_bs=6, steps=5), 1)
+    assert ranks[0]["masks"] == masks[3:]
+    assert any(v < 1 for m in masks[3:] for v in m.values())
+    a = torch.cat([weights[n].reshape(-1) for n in dense])
+    b = torch.cat([dense[n].reshape(-1) for n in dense])
+    assert ((a - b).norm() / b.norm()).item() <= 1e-5

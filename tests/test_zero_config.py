@@ -46,3 +46,21 @@ def test_every_private_deepspeed_attribute_is_checked_at_bind_time():
         required.update(re.findall(r'"(\w+)"', call))
     public = {"optimizer", "state", "param_groups"}
     assert used - required - public == set(), f"unchecked DeepSpeed internals: {sorted(used - required - public)}"
+
+
+def test_known_deepspeed_keys_are_deepspeed_s_and_the_shipped_configs_pass():
+    """Every key of the unknown-key check is a string the installed DeepSpeed reads; the shipped
+    configs validate; a misspelt section is refused with the right spelling suggested."""
+    import json
+
+    import deepspeed
+
+    from rose_ds.dsconfig import KNOWN_KEYS, ConfigConflictError, validate
+
+    source = "\n".join(p.read_text(errors="replace") for p in Path(deepspeed.__file__).parent.rglob("*.py"))
+    missing = sorted(k for k in KNOWN_KEYS if f'"{k}"' not in source and f"'{k}'" not in source)
+    assert missing == []
+    for config in sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json")):
+        validate(json.loads(config.read_text()))
+    with pytest.raises(ConfigConflictError, match="did you mean 'gradient_clipping'"):
+        validate({"gradient_cliping": 1.0})

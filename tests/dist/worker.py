@@ -26,6 +26,7 @@ from models import random_batch, tiny_bert  # noqa: E402
 
 import rose_ds  # noqa: E402
 from rose_ds import RoseConfig, RoseLosses  # noqa: E402
+from rose_ds import checkpoint as ckpt  # noqa: E402
 
 # deepspeed.init_distributed JIT-compiles the 'deepspeed_shm_comm' C++ op on CPU (35 s to 4 min on a
 # fresh machine); only inference all-reduce uses it, never training, so the tests skip building it.
@@ -118,13 +119,21 @@ def run_case(case, out, counter):
             (out / f"rank{rank}.json").write_text(json.dumps({"error": str(err)}))
             return
         raise AssertionError(f"{case['name']}: rose_ds.initialize accepted an unsupported configuration")
+    resume = Path(case["resume_from"]) if "resume_from" in case else None
+    if resume is not None:  # a checkpoint of another world size: converted, then loaded by name
+        tag = ckpt.prepare_load(resume, ckpt.read_record(resume), world, config)
     engine, _, _, _ = rose_ds.initialize(model, config, rose=rose, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
     opt = rose_ds.rose_optimizer(engine)
+    first_step = 0
+    if resume is not None:
+        ckpt.load(engine, resume, tag)
+        first_step = engine.global_steps
     loss_fn = stand_in_losses if case.get("loss", "stand_in") == "stand_in" else rose_ds.rose_losses
     mb, gas = case["micro_bs"], case["gas"]
-    record = {"masks": [], "losses": [], "bytes": []}
+    record = {"masks": [], "losses": [], "bytes": [], "resumed_at": first_step,
+              "resumed_optimizer_steps": sorted({int(s["step"]) for s in opt.state.values() if "step" in s})}  # fmt: skip
     torch.manual_seed(1234 + rank)  # dropout differs per rank, as in real data parallelism
-    for step in range(case["steps"]):
+    for step in range(first_step, first_step + case["steps"]):
         inputs, labels = random_batch(step, batch_size=world * gas * mb)
         counter.bytes = {}
         for k in range(gas):
@@ -150,6 +159,9 @@ def run_case(case, out, counter):
             weights[name] = p.detach().float().clone()
         else:
             weights[name] = deepspeed.utils.safe_get_full_fp32_param(p).detach().float().clone()
+    if case.get("save"):
+        ckpt.save(engine, out / "checkpoints", {}, {"model": ckpt.model_signature(engine.module),
+                                                    "world_size": world, "zero_stage": case["stage"]}, None)  # fmt: skip
     record["num_eligible"] = len(opt.eligible_names)
     record["numel"] = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # ZeRO-3: full size
     (out / f"rank{rank}.json").write_text(json.dumps(record))
