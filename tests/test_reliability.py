@@ -5,6 +5,7 @@ checkpoint write, then ``--resume auto``: the finished run must equal an uninter
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -283,3 +284,21 @@ def test_soak_hundreds_of_steps_with_saves_and_a_resume_leak_nothing(tmp_path):
             assert fds_late <= fds_early + 2, report[-1]
             assert max(r[3] for r in late) <= max(r[3] for r in early), report[-1]
     print("\n".join(report))
+
+
+@pytest.mark.parametrize("config", ["zero2.json", "zero3.json"])
+def test_the_program_resumes_a_two_rank_run_on_three(small_model, reference, tmp_path, config):
+    """launch/finetune.py end to end: a 2-rank run's last checkpoint, resumed with --resume auto on 3 ranks,
+    is converted once (DeepSpeed universal checkpoint) and trains on from its step and its place in the epoch."""
+    out = tmp_path / "run"
+    shutil.copytree(reference(config), out)
+    cmd = _command(small_model, out, config, nproc=3, extra=["--resume", "auto"])
+    proc = _run([*cmd[: cmd.index("--max_steps") + 1], str(STEPS + 3), *cmd[cmd.index("--max_steps") + 2 :]])
+    assert f"resumed from {out / f'global_step{STEPS}'} at step {STEPS} (world size 2 -> 3)" in proc.stdout
+    assert f"finished {STEPS + 3} steps" in proc.stdout
+    # (global_step12 and its universal/ conversion are pruned by --save_total_limit 2 by now)
+    assert sorted(p.name for p in out.glob("global_step*")) == [f"global_step{STEPS + 2}", f"global_step{STEPS + 3}"]
+    record = json.loads((out / f"global_step{STEPS + 3}" / "rose_ds_checkpoint.json").read_text())
+    assert record["world_size"] == 3 and record["global_step"] == STEPS + 3
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert len(state["mask_history"]) == STEPS + 3 and state["global_step"] == STEPS + 3
