@@ -70,10 +70,13 @@ def batch(step: int, size: int, seq: int, device: str):
     ).to(device)
 
 
-def ds_config(stage: int, micro: int, dtype: str, vanilla: bool, fused: bool) -> dict:
-    zero = {"stage": stage}
+def ds_config(stage: int, micro: int, dtype: str, vanilla: bool, fused: bool, hidden: int) -> dict:
+    # the bucket sizes ds_configs/*.json get from "auto" (hidden^2, as the Hugging Face integration):
+    # what users of launch/finetune.py run, for vanilla and ROSE alike
+    zero = {"stage": stage, "reduce_bucket_size": hidden * hidden}
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = 0  # partition every tensor, as large models are
+        zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden)
     cfg = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
@@ -93,7 +96,7 @@ def ds_config(stage: int, micro: int, dtype: str, vanilla: bool, fused: bool) ->
 def build(variant: str, stage: int, args) -> tuple:
     """An engine and its step function for one variant."""
     model = make_model(args.hidden, args.layers)
-    cfg = ds_config(stage, args.batch, args.dtype, variant == "vanilla", args.fused)
+    cfg = ds_config(stage, args.batch, args.dtype, variant == "vanilla", args.fused, args.hidden)
     if variant == "vanilla":
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
 
