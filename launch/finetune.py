@@ -342,7 +342,6 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(old, ignore_errors=True)
         for name in (ckpt.LATEST, "metrics.jsonl"):
             (out / name).unlink(missing_ok=True)
-    saved_step = engine.global_steps if checkpoint is not None else -1
     ckpt_record = {"model": signature, "world_size": world, "zero_stage": engine.zero_optimization_stage(),
                    "rose": rose.to_dict(), "seed": args.seed}  # fmt: skip
 
@@ -415,7 +414,6 @@ def main(argv: list[str] | None = None) -> dict:
                 engine.train()
             if args.save_steps and step % args.save_steps == 0 and not state["nonfinite"]:
                 save()
-                saved_step = step
             if step >= total_steps:
                 done = True
                 break
@@ -432,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---------------------------------------------------------------- final evaluation and outputs
     metrics = evaluate_all(engine, validation, adv, collate, args, device, task_for_adv)
     _log_eval(metrics, engine.global_steps, state, out, writer, is_main)
-    if args.save_steps and saved_step != engine.global_steps:
+    if args.save_steps and state["last_saved"] != f"{ckpt.PREFIX}{engine.global_steps}":  # not saved at this step yet
         save()
     export_model(engine, model, tokenizer, out)
     train_losses = [r["loss"] for r in state["log_history"] if "loss" in r]
