@@ -232,6 +232,9 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm):
     while "Reason=BeginTime" not in scontrol("show", "job", job):
         assert time.monotonic() < deadline, "the requeued job never became pending"
         time.sleep(0.5)
+    # slurmctld revokes the old run's credential at the requeue second: a restart within that second is
+    # killed ("Job credential revoked"), so start it only once that second is over
+    time.sleep(2)
     scontrol("update", f"JobId={job}", "StartTime=now")
     info = _wait(env, job)
     log = (runs / f"rose-srun-{job}.out").read_text()
