@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # System packages for the launcher tests (tests/test_cluster.py): SLURM + munge for a throwaway local
-# cluster, Open MPI for mpirun and srun --mpi=pmix. Debian 12, root. Elsewhere it says so and exits 0:
+# cluster, Open MPI for mpirun and srun --mpi=pmix; and WordNet 3.0 for the synonym attack
+# (rose_ds/attacks.py, tests/test_attacks.py). Debian 12, root. Elsewhere it says so and exits 0:
 # those tests then skip, naming what is missing.
 set -euo pipefail
-PACKAGES=(slurm-wlm munge libpmix2 openmpi-bin libopenmpi-dev)
+PACKAGES=(slurm-wlm munge libpmix2 openmpi-bin libopenmpi-dev wordnet-base wordnet-sense-index)
 if [[ $EUID -ne 0 ]] || ! command -v apt-get > /dev/null; then
     echo "install_cluster_packages.sh: not root on a Debian-like system; not installing ${PACKAGES[*]}" >&2
     exit 0

@@ -61,3 +61,16 @@ def test_every_finetune_flag_is_documented():
     table = _section("The fine-tuning program: `launch/finetune.py`")
     assert len(fields) > 40
     assert [f for f in fields if f"`--{f}`" not in table] == []
+
+
+def test_every_robustness_flag_and_reproduce_variable_is_documented():
+    section = _section("Robustness: attacks, flatness, the results table")
+    source = (ROOT / "launch" / "robustness.py").read_text()
+    flags = re.findall(r'(one|every)\.add_argument\("(--\w+)"', source)
+    assert len(flags) >= 10
+    command = {"one": "attack", "every": "evaluate"}
+    assert [f for p, f in flags if f"`{command[p]} {f}`" not in section] == []
+    script = (ROOT / "launch" / "reproduce.sh").read_text()
+    variables = set(re.findall(r"\$\{(\w+):-", script)) - {"OMP_NUM_THREADS"}
+    assert {"OUT", "SEEDS", "MODES", "STEPS", "LRS", "EXAMPLES", "SURFACE"} <= variables
+    assert [v for v in sorted(variables) if f"`{v}`" not in section] == []

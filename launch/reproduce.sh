@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Re-runs the robustness table of docs/RESULTS.md from scratch, offline:
+#   1. train: vanilla (--rose_mode none), ROSE-First, ROSE-Second, ROSE-Ensemble, each with every seed,
+#      through launch/finetune.py on 2 DeepSpeed processes at ZeRO-2 (same data, steps and learning rate);
+#   2. robustness: clean, AdvGLUE SST-2 and both attacks on each exported model, plus its sharpness
+#      (launch/robustness.py evaluate);
+#   3. report: the mean +- std table, the loss surfaces and the plots (launch/robustness.py report).
+# Finished stages are kept: re-running continues where it stopped. REDUCED=1 is the CI smoke version
+# (2 methods, 1 seed, a few steps and examples): it checks that every stage produced its numbers.
+#
+#   bash launch/reproduce.sh                  # the full table (about 2.5 hours on 2 CPU cores)
+#   OUT=runs/smoke REDUCED=1 bash launch/reproduce.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$(command -v python)}
+BIN=$(dirname "$PY")
+OUT=${OUT:-runs/robustness}
+if [[ "${REDUCED:-0}" == 1 ]]; then
+    SEEDS=${SEEDS:-1} MODES=${MODES:-"none ensemble"} STEPS=${STEPS:-6} EXAMPLES=${EXAMPLES:-12} LRS=${LRS:-1e-4}
+    SURFACE=${SURFACE:-3} EVAL_SAMPLES=${EVAL_SAMPLES:-64}
+else
+    SEEDS=${SEEDS:-"1 2 3"} MODES=${MODES:-"none first second ensemble"} STEPS=${STEPS:-200}
+    EXAMPLES=${EXAMPLES:-150} SURFACE=${SURFACE:-9} EVAL_SAMPLES=${EVAL_SAMPLES:-} LRS=${LRS:-"1e-4 3e-4"}
+fi
+# The published SST-2 (RoBERTa-base) `upper` of each variant; one learning rate for all methods, the one
+# of LRS whose vanilla run (first seed) has the best clean validation accuracy.
+declare -A UPPER=([none]=40 [first]=60 [second]=30 [ensemble]=40)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore
+mkdir -p "$OUT/train" "$OUT/select"
+start=$(date +%s)
+
+train() {  # train MODE SEED LR DIR
+    local run=$4 extra=()
+    [[ -f "$run/model.safetensors" && -f "$run/eval_results.json" ]] && return 0
+    echo "== train $1 seed $2 lr $3 -> $run"
+    [[ -n "$EVAL_SAMPLES" ]] && extra+=(--max_eval_samples "$EVAL_SAMPLES")
+    "$BIN/deepspeed" --num_gpus 2 --master_port "${MASTER_PORT:-29561}" launch/finetune.py \
+        --deepspeed ds_configs/zero2.json --output_dir "$run" --overwrite_output_dir \
+        --rose_mode "$1" --rose_upper "${UPPER[$1]}" --learning_rate "$3" --seed "$2" --max_steps "$STEPS" \
+        --warmup_steps $(( STEPS / 10 )) --per_device_train_batch_size 8 --max_seq_length 64 --logging_steps 10 \
+        "${extra[@]}" >"$run.log" 2>&1 || { echo "training failed, see $run.log" >&2; tail -5 "$run.log" >&2; exit 1; }
+}
+
+first_seed=${SEEDS%% *}
+for lr in $LRS; do
+    train none "$first_seed" "$lr" "$OUT/select/lr$lr"
+done
+LR=$("$PY" -c '
+import json, sys
+runs = {lr: json.load(open(f"{sys.argv[1]}/select/lr{lr}/eval_results.json"))["eval_accuracy"] for lr in sys.argv[2:]}
+print(max(runs, key=lambda lr: (runs[lr], -float(lr))))' "$OUT" $LRS)
+echo "learning rate: $LR (best clean validation accuracy of vanilla, seed $first_seed, among $LRS)"
+echo "$LR" > "$OUT/learning_rate"
+for seed in $SEEDS; do
+    for mode in $MODES; do
+        run="$OUT/train/$mode-seed$seed"
+        if [[ $mode == none && $seed == "$first_seed" && ! -e $run ]]; then
+            ln -s "../select/lr$LR" "$run"  # the selection run is this run
+        fi
+        train "$mode" "$seed" "$LR" "$run"
+    done
+done
+echo "train: $(( $(date +%s) - start )) s"
+# one process now: let it use every core
+OMP_NUM_THREADS=${EVAL_THREADS:-$(nproc)} "$PY" launch/robustness.py evaluate "$OUT" --examples "$EXAMPLES" --surface "$SURFACE" ${EVAL_SAMPLES:+--eval_samples "$EVAL_SAMPLES"}
+"$PY" launch/robustness.py report "$OUT"
+echo "total: $(( $(date +%s) - start )) s"

@@ -1,0 +1,254 @@
+"""Robustness of fine-tuned models: attacks, flatness, and the results table of docs/RESULTS.md.
+
+    python launch/robustness.py attack runs/finetune --attack pwws --examples 200   # one saved model
+    python launch/robustness.py evaluate runs/robustness    # every run in runs/robustness/train/
+    python launch/robustness.py report runs/robustness      # the table and the plots
+
+``attack`` attacks the first ``--examples`` validation examples of a run of launch/finetune.py (the
+same split the run evaluated on, rebuilt from its ``run_config.json``) with ``rose_ds.attacks``.
+``evaluate`` does, for every run folder under ``DIR/train``: both attacks, the sharpness
+(``rose_ds.analysis.sharpness``) on the first ``--eval_samples`` validation examples and, for the
+first seed of each method, the 1-D/2-D loss surfaces; one ``DIR/robustness/<run>.json`` per run
+(finished runs are skipped, so it resumes). ``report`` writes ``DIR/results.md``,
+``DIR/results.json``, ``DIR/results.png`` (per-metric means with seed spread) and
+``DIR/landscape.png``. Single-sentence tasks only (the attacks edit one text). One process, CPU or
+the accelerator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from deepspeed.accelerator import get_accelerator
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from finetune import Args, load_data  # noqa: E402
+
+from rose_ds import analysis, attacks  # noqa: E402
+from rose_ds import data as rose_data  # noqa: E402
+
+ATTACKS = ("deepwordbug", "pwws")
+METHODS = {"none": "vanilla", "first": "ROSE-First", "second": "ROSE-Second", "ensemble": "ROSE-Ensemble"}
+# (key in a run's results, column title, higher is better)
+METRICS = (
+    ("clean_accuracy", "clean acc.", True),
+    ("adv_accuracy", "AdvGLUE SST-2 acc.", True),
+    ("deepwordbug_accuracy_under_attack", "DeepWordBug acc. under attack", True),
+    ("deepwordbug_attack_success_rate", "DeepWordBug success rate", False),
+    ("pwws_accuracy_under_attack", "PWWS acc. under attack", True),
+    ("pwws_attack_success_rate", "PWWS success rate", False),
+    ("pwws_avg_perturbed_words", "PWWS perturbed words", True),
+    ("sharpness", "sharpness", False),
+)
+
+
+def fail(message: str) -> None:
+    sys.exit(f"robustness.py: error: {message}")
+
+
+def load_run(run_dir: Path):
+    """The exported model, tokenizer, run arguments, raw validation texts/labels and tokenized validation."""
+    config_file = run_dir / "run_config.json"
+    if not config_file.is_file() or not (run_dir / "model.safetensors").is_file():
+        fail(f"{run_dir} holds no finished launch/finetune.py run (run_config.json and model.safetensors)")
+    run = json.loads(config_file.read_text())
+    args = Args(**run["args"])
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir, use_safetensors=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    spec = rose_data.TASKS.get(args.task_name)
+    adv_file = args.adv_file or (str(rose_data.SHARED_ADVGLUE) if rose_data.SHARED_ADVGLUE.is_file() else None)
+    if args.train_file:
+        if args.text_pair_column:
+            fail("the attacks edit single texts; this run was trained on text pairs")
+        raw = rose_data.load_local(args.train_file, args.validation_file, (args.text_column,), args.label_column)[0]
+        column = args.text_column
+    elif args.task_name == "rotten_tomatoes":
+        raw, column = rose_data.load_rotten_tomatoes(adv_file, seed=args.seed), "sentence"
+    else:
+        if len(spec.text_columns) > 1:
+            fail(f"the attacks edit single texts; {args.task_name} is a pair task")
+        raw, column = rose_data.load_glue(args.task_name), spec.text_columns[0]
+    validation = raw["validation"]
+    _, tokenized, _, _, _ = load_data(args, tokenizer)
+    return model, tokenizer, args, validation[column], validation["label"], tokenized
+
+
+def attack_run(run_dir: Path, attack: str, examples: int, seed: int, batch_size: int = 64) -> dict:
+    model, tokenizer, args, texts, labels, _ = load_run(run_dir)
+    victim = attacks.Victim(model, tokenizer, batch_size=batch_size, max_length=args.max_seq_length,
+                            device=get_accelerator().current_device_name())  # fmt: skip
+    synonyms = attacks.Synonyms(attacks.load_wordnet()) if attack == "pwws" else None
+    start = time.perf_counter()
+    summary, results = attacks.run_attack(victim, attack, texts[:examples], labels[:examples], seed=seed,
+                                          synonyms=synonyms)  # fmt: skip
+    summary["seconds"] = time.perf_counter() - start
+    return {"summary": summary, "results": results}
+
+
+def batches_of(tokenized, tokenizer, samples: int | None, batch_size: int = 64) -> list[dict]:
+    subset = tokenized.select(range(min(samples or len(tokenized), len(tokenized))))
+    collate = DataCollatorWithPadding(tokenizer)
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate)
+    device = get_accelerator().current_device_name()
+    return [{k: v.to(device) for k, v in batch.items()} for batch in loader]
+
+
+def evaluate_runs(root: Path, examples: int, surface: int, eval_samples: int | None, seed: int, rho: float,
+                  samples: int, span: float) -> None:  # fmt: skip
+    runs = sorted(p for p in (root / "train").iterdir() if p.is_dir())
+    if not runs:
+        fail(f"no runs in {root / 'train'}; train them first (launch/reproduce.sh)")
+    first_seed = min(json.loads((r / "run_config.json").read_text())["args"]["seed"] for r in runs)
+    out_dir = root / "robustness"
+    out_dir.mkdir(exist_ok=True)
+    wordnet = attacks.Synonyms(attacks.load_wordnet())
+    for run_dir in runs:
+        out = out_dir / f"{run_dir.name}.json"
+        if out.is_file():
+            continue
+        start = time.perf_counter()
+        model, tokenizer, args, texts, labels, tokenized = load_run(run_dir)
+        device = get_accelerator().current_device_name()
+        model.to(device).eval()
+        evaluation = json.loads((run_dir / "eval_results.json").read_text())
+        record = {"run": run_dir.name, "method": args.rose_mode, "seed": args.seed, "learning_rate": args.learning_rate,
+                  "max_steps": args.max_steps, "clean_accuracy": evaluation["eval_accuracy"],
+                  "adv_accuracy": evaluation.get("eval_adv_accuracy"), "attack_examples": examples}  # fmt: skip
+        for attack in ATTACKS:
+            victim = attacks.Victim(model, tokenizer, max_length=args.max_seq_length, device=device)
+            summary, results = attacks.run_attack(victim, attack, texts[:examples], labels[:examples], seed=seed,
+                                                  synonyms=wordnet)  # fmt: skip
+            record.update({f"{attack}_{k}": v for k, v in summary.items()})
+            record[f"{attack}_examples_shown"] = [r for r in results if r["status"] == "succeeded"][:3]
+            print(f"{run_dir.name} {attack}: accuracy under attack {summary['accuracy_under_attack']:.3f}, "
+                  f"success rate {summary['attack_success_rate']:.3f}", flush=True)  # fmt: skip
+        batches = batches_of(tokenized, tokenizer, eval_samples)
+        sharp = analysis.sharpness(model, batches, rho=rho, samples=samples, seed=seed)
+        record.update(sharpness=sharp["sharpness"], sharpness_std=sharp["sharpness_std"], base_loss=sharp["base_loss"],
+                      sharpness_rho=rho, sharpness_samples=samples,
+                      sharpness_examples=sum(len(b["labels"]) for b in batches))  # fmt: skip
+        if args.seed == first_seed and surface > 1:
+            record["landscape"] = analysis.landscape(model, batches, steps=surface, span=span, seed=seed)
+        record["seconds"] = time.perf_counter() - start
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(out)  # a finished record or none: a killed evaluation is redone
+        print(f"{run_dir.name}: sharpness {record['sharpness']:.4f}, {record['seconds']:.0f} s", flush=True)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def report(root: Path) -> dict:
+    records = [json.loads(p.read_text()) for p in sorted((root / "robustness").glob("*.json"))]
+    if not records:
+        fail(f"no results in {root / 'robustness'}; run `robustness.py evaluate {root}` first")
+    methods = [m for m in METHODS if any(r["method"] == m for r in records)]
+    table: dict[str, dict] = {}
+    for method in methods:
+        rows = sorted((r for r in records if r["method"] == method), key=lambda r: r["seed"])
+        table[method] = {"seeds": [r["seed"] for r in rows]}
+        for key, _, _ in METRICS:
+            values = [r[key] for r in rows if r.get(key) is not None]
+            table[method][key] = {"values": values, "mean": _mean_std(values)[0], "std": _mean_std(values)[1]}
+    # Paired by seed: a method and vanilla share the seed's data split, order and initialisation.
+    for method in methods:
+        for key, _, _ in METRICS:
+            base = {r["seed"]: r[key] for r in records if r["method"] == "none" and r.get(key) is not None}
+            diffs = [r[key] - base[r["seed"]] for r in records if r["method"] == method and r["seed"] in base]
+            if method != "none" and diffs:
+                table[method][key]["diff_vs_vanilla"] = dict(zip(("mean", "std"), _mean_std(diffs)))
+    lines = ["| method | seeds | " + " | ".join(title for _, title, _ in METRICS) + " |",
+             "|---|---|" + "---|" * len(METRICS)]  # fmt: skip
+    for method in methods:
+        cells = []
+        for key, _, _ in METRICS:
+            cell = table[method][key]
+            scale = 1 if key.endswith(("words", "sharpness")) else 100
+            text = f"{cell['mean'] * scale:.2f} ± {cell['std'] * scale:.2f}"
+            if "diff_vs_vanilla" in cell:
+                d = cell["diff_vs_vanilla"]
+                text += f" ({d['mean'] * scale:+.2f} ± {d['std'] * scale:.2f})"
+            cells.append(text)
+        lines.append(f"| {METHODS[method]} | {len(table[method]['seeds'])} | " + " | ".join(cells) + " |")
+    note = ("Mean ± standard deviation over seeds; accuracies and rates in %, sharpness as a loss increase. "
+            "In parentheses: the paired difference to vanilla (same seed), mean ± std over seeds.")  # fmt: skip
+    (root / "results.md").write_text("\n".join(lines) + "\n\n" + note + "\n")
+    (root / "results.json").write_text(json.dumps(table, indent=1))
+    _plot_metrics(table, methods, root / "results.png")
+    landscapes = {METHODS[r["method"]]: r["landscape"] for r in records if "landscape" in r}
+    if landscapes:
+        analysis.plot_landscapes(landscapes, root / "landscape.png")
+    print("\n".join(lines))
+    return table
+
+
+def _plot_metrics(table: dict, methods: list[str], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.2 * len(METRICS) / 2, 6.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, (len(METRICS) + 1) // 2).ravel()
+    for ax, (key, title, higher) in zip(axes, METRICS):
+        for i, method in enumerate(methods):
+            cell = table[method][key]
+            ax.bar(i, cell["mean"], yerr=cell["std"], capsize=3, color=f"C{i}")
+            ax.scatter([i] * len(cell["values"]), cell["values"], color="black", s=8, zorder=3)
+        ax.set_xticks(range(len(methods)), [METHODS[m] for m in methods], rotation=30, fontsize=7)
+        ax.set_title(f"{title} ({'higher' if higher else 'lower'} is better)", fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+    one = sub.add_parser("attack", help="attack one saved run", allow_abbrev=False)
+    one.add_argument("run", type=Path, help="a launch/finetune.py --output_dir")
+    one.add_argument("--attack", choices=ATTACKS, default="pwws", help="which attack")
+    one.add_argument("--examples", type=int, default=200, help="attack the first N validation examples")
+    one.add_argument("--seed", type=int, default=0, help="seed of the character edits")
+    one.add_argument("--output", type=Path, default=None, help="also write the summary and every result as JSON")
+    every = sub.add_parser("evaluate", help="attacks and flatness of every run in DIR/train", allow_abbrev=False)
+    every.add_argument("root", type=Path, help="the experiment folder (launch/reproduce.sh's OUT)")
+    every.add_argument("--examples", type=int, default=200, help="attack the first N validation examples")
+    every.add_argument("--surface", type=int, default=11, help="loss-surface grid points per axis (0: none)")
+    every.add_argument("--eval_samples", type=int, default=256, help="validation examples for the flatness")
+    every.add_argument("--rho", type=float, default=0.1, help="relative size of the sharpness perturbation")
+    every.add_argument("--sharpness_samples", type=int, default=20, help="random directions averaged for sharpness")
+    every.add_argument("--span", type=float, default=0.5, help="loss surfaces cover [-span, span] on each axis")
+    every.add_argument("--seed", type=int, default=0, help="seed of the edits and the random directions")
+    rep = sub.add_parser("report", help="the table and plots from DIR/robustness", allow_abbrev=False)
+    rep.add_argument("root", type=Path, help="the experiment folder")
+    cli = parser.parse_args(argv)
+    for name in ("examples", "surface", "eval_samples", "sharpness_samples", "rho", "span"):
+        value = getattr(cli, name, 1)
+        if value is not None and value <= 0 and not (name == "surface" and value == 0):
+            fail(f"--{name} must be > 0 (got {value})")
+    torch.manual_seed(0)
+    if cli.command == "attack":
+        result = attack_run(cli.run, cli.attack, cli.examples, cli.seed)
+        print(json.dumps(result["summary"], indent=1))
+        if cli.output:
+            cli.output.write_text(json.dumps(result, indent=1))
+    elif cli.command == "evaluate":
+        evaluate_runs(cli.root, cli.examples, cli.surface, cli.eval_samples, cli.seed, cli.rho, cli.sharpness_samples,
+                      cli.span)  # fmt: skip
+    else:
+        report(cli.root)
+
+
+if __name__ == "__main__":
+    main()
