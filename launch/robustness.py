@@ -47,6 +47,8 @@ METRICS = (
     ("pwws_attack_success_rate", "PWWS success rate", False),
     ("pwws_avg_perturbed_words", "PWWS perturbed words", True),
     ("sharpness", "sharpness", False),
+    ("kept_fraction", "kept fraction", None),
+    ("train_loss", "final train loss", None),
 )
 
 
@@ -155,6 +157,13 @@ def report(root: Path) -> dict:
     records = [json.loads(p.read_text()) for p in sorted((root / "robustness").glob("*.json"))]
     if not records:
         fail(f"no results in {root / 'robustness'}; run `robustness.py evaluate {root}` first")
+    for record in records:  # from the training log: how much ROSE froze, and how far training got
+        logs = [
+            json.loads(line) for line in (root / "train" / record["run"] / "metrics.jsonl").read_text().splitlines()
+        ]
+        logs = [x for x in logs if "loss" in x]
+        record["kept_fraction"] = statistics.fmean(x["kept_fraction"] for x in logs)
+        record["train_loss"] = statistics.fmean(x["loss"] for x in logs[-5:])
     methods = [m for m in METHODS if any(r["method"] == m for r in records)]
     table: dict[str, dict] = {}
     for method in methods:
@@ -176,15 +185,19 @@ def report(root: Path) -> dict:
         cells = []
         for key, _, _ in METRICS:
             cell = table[method][key]
-            scale = 1 if key.endswith(("words", "sharpness")) else 100
-            text = f"{cell['mean'] * scale:.2f} ± {cell['std'] * scale:.2f}"
+            scale = 1 if key.endswith(("words", "sharpness", "loss")) else 100
+            digits = {"sharpness": 4, "train_loss": 3}.get(key, 2)
+            text = f"{cell['mean'] * scale:.{digits}f} ± {cell['std'] * scale:.{digits}f}"
             if "diff_vs_vanilla" in cell:
                 d = cell["diff_vs_vanilla"]
-                text += f" ({d['mean'] * scale:+.2f} ± {d['std'] * scale:.2f})"
+                text += f" ({d['mean'] * scale:+.{digits}f} ± {d['std'] * scale:.{digits}f})"
             cells.append(text)
         lines.append(f"| {METHODS[method]} | {len(table[method]['seeds'])} | " + " | ".join(cells) + " |")
-    note = ("Mean ± standard deviation over seeds; accuracies and rates in %, sharpness as a loss increase. "
-            "In parentheses: the paired difference to vanilla (same seed), mean ± std over seeds.")  # fmt: skip
+    note = (
+        "Mean ± standard deviation over seeds; accuracies, rates and the kept fraction (mean c of the eligible "
+        "tensors over the logged steps) in %, sharpness as a loss increase, train loss the mean of the last 5 "
+        "logged values. In parentheses: the paired difference to vanilla (same seed), mean ± std over seeds."
+    )
     (root / "results.md").write_text("\n".join(lines) + "\n\n" + note + "\n")
     (root / "results.json").write_text(json.dumps(table, indent=1))
     _plot_metrics(table, methods, root / "results.png")
@@ -208,7 +221,8 @@ def _plot_metrics(table: dict, methods: list[str], path: Path) -> None:
             ax.bar(i, cell["mean"], yerr=cell["std"], capsize=3, color=f"C{i}")
             ax.scatter([i] * len(cell["values"]), cell["values"], color="black", s=8, zorder=3)
         ax.set_xticks(range(len(methods)), [METHODS[m] for m in methods], rotation=30, fontsize=7)
-        ax.set_title(f"{title} ({'higher' if higher else 'lower'} is better)", fontsize=8)
+        better = "" if higher is None else f" ({'higher' if higher else 'lower'} is better)"
+        ax.set_title(title + better, fontsize=8)
     fig.savefig(path, dpi=110)
 
 
