@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 MODES = ("none", "first", "second", "ensemble")
+GRANULARITIES = ("tensor", "element")
+SCOPES = ("global", "tensor")
 
 # Eligibility presets. "original" is the authors' substring rule; the others are regular expressions
 # (``re.search`` on the parameter name) for the families whose names the original rule misses or
@@ -67,6 +69,11 @@ class RoseConfig:
             ``mistral``)). Ignored when ``eligibility_regex`` is set.
         eligibility_regex: A regular expression matched with ``re.search`` against each parameter
             name; overrides ``eligibility``.
+        granularity: ``"tensor"`` (the paper: one score and one mask value per eligible tensor) or
+            ``"element"`` (one score per element of every eligible tensor: first-order
+            ``|g_rob|``, second-order ``|k * g / m - 1|``; the band is taken over the elements).
+        scope: Element granularity only: ``"global"`` (one band over all eligible elements of the
+            model) or ``"tensor"`` (a band per tensor over its own elements).
     """
 
     mode: str = "ensemble"
@@ -77,6 +84,8 @@ class RoseConfig:
     warmup_steps: int = 0
     eligibility: str = "original"
     eligibility_regex: str | None = None
+    granularity: str = "tensor"
+    scope: str = "global"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -97,6 +106,12 @@ class RoseConfig:
         if key not in ELIGIBILITY_PRESETS:
             names = sorted(set(ELIGIBILITY_PRESETS) | set(ELIGIBILITY_ALIASES))
             _fail("eligibility", self.eligibility, f"a preset name ({', '.join(names)})")
+        if self.granularity not in GRANULARITIES:
+            _fail("granularity", self.granularity, f"one of {', '.join(GRANULARITIES)}")
+        if self.scope not in SCOPES:
+            _fail("scope", self.scope, f"one of {', '.join(SCOPES)}")
+        if self.scope == "tensor" and self.granularity == "tensor":
+            _fail("scope", self.scope, "'global' with granularity='tensor' (a band per tensor needs 'element')")
         if self.eligibility_regex is not None:
             try:
                 re.compile(self.eligibility_regex)

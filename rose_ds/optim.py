@@ -17,6 +17,7 @@ from torch import Tensor
 
 from rose_ds.config import RoseConfig
 from rose_ds.selection import (
+    element_coefficients,
     eligible_names,
     mask_coefficients,
     masking_active,
@@ -147,6 +148,40 @@ def _fused_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, coefficients, lr,
         )  # fmt: skip
 
 
+def masked_adamw_elements_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    c: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+) -> None:
+    """:func:`masked_adamw_` for one tensor whose ``c`` varies per element (element granularity).
+
+    ``c`` is boolean (kept / frozen: no float mask is made) or float (the ensemble's mix). The formulas
+    are those of the tensor path, element by element; a frozen element keeps its weight and momentum
+    exactly while ``v`` moves toward ``m^2``.
+    """
+    step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    g = torch.where(c, grad, exp_avg) if c.dtype == torch.bool else torch.lerp(exp_avg, grad, c.to(grad.dtype))
+    exp_avg.lerp_(g, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    update = exp_avg_sq.sqrt().add_(eps)
+    torch.div(exp_avg, update, out=update).mul_(c)
+    param.add_(update, alpha=-step_size)
+    if weight_decay != 0:
+        if c.dtype == torch.bool:
+            param.mul_(torch.where(c, 1.0 - lr * weight_decay, 1.0).to(param.dtype))
+        else:
+            param.mul_(c.to(param.dtype).mul(-lr * weight_decay).add_(1.0))
+
+
 class RoseAdamW(torch.optim.Optimizer):
     """AdamW with ROSE selection: eligible tensors judged unrobust are frozen for the step.
 
@@ -266,7 +301,7 @@ class RoseAdamW(torch.optim.Optimizer):
         """
         if not needs_robust_gradient(self.rose):
             return
-        params = list(self._eligible)
+        params = sorted(self._eligible, key=self._eligible.__getitem__)  # score-vector order
         if loss_rob is None:
             if self._robust_sq is not None or self._robust_grads is not None:
                 raise RuntimeError(
@@ -274,7 +309,11 @@ class RoseAdamW(torch.optim.Optimizer):
                     "gradients; with gradient accumulation pass the loss: capture_robust_grads(loss_rob)"
                 )
             grads = [p.grad for p in params]
-            self._robust_sq = _squared_norms(grads)
+            if self.rose.granularity == "element":  # element scores need the gradient itself
+                self._robust_grads = [None if g is None else g.clone() for g in grads]
+                self._robust_sq = torch.zeros(0)  # marks the .grad form as used for this step
+            else:
+                self._robust_sq = _squared_norms(grads)
             return
         if self._robust_sq is not None:
             raise RuntimeError("capture_robust_grads(): do not mix the .grad form and the loss form in one step")
@@ -310,6 +349,9 @@ class RoseAdamW(torch.optim.Optimizer):
 
         t = self._global_step() + 1
 
+        if self.rose.granularity == "element":
+            self._element_step(t)
+            return loss
         coefficients = self._select(t)
         self.last_mask = dict(zip(self._eligible_names, coefficients.tolist()))
 
@@ -331,6 +373,46 @@ class RoseAdamW(torch.optim.Optimizer):
         self._robust_sq = None
         self._robust_grads = None
         return loss
+
+    def _element_step(self, t: int) -> None:
+        """Element granularity: a coefficient per element of every eligible tensor."""
+        params = sorted(self._eligible, key=self._eligible.__getitem__)  # score-vector order
+        robust = None
+        if needs_robust_gradient(self.rose) and masking_active(self.rose, t):
+            robust = self._robust_grads
+            if robust is None:
+                raise RuntimeError(
+                    f"RoseAdamW(mode={self.rose.mode!r}) step {t}: no robust gradient was captured; call "
+                    "opt.capture_robust_grads() after loss_rob.backward(retain_graph=True), before step()"
+                )
+            robust = [torch.zeros_like(p) if g is None else g for p, g in zip(params, robust)]
+        grads = momenta = None
+        if needs_second_order(self.rose, t):
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            momenta = [self.state[p]["exp_avg"] for p in params]
+        masks = element_coefficients(self.rose, t, robust, grads, momenta)
+        by_param = {} if masks is None else dict(zip(params, masks))
+        if masks is None:
+            self.last_mask = dict.fromkeys(self._eligible_names, 1.0)
+        else:  # per tensor: the mean coefficient of its elements
+            self.last_mask = {n: float(c.sum(dtype=torch.float64) / c.numel()) for n, c in zip(self._eligible_names,
+                              masks)}  # fmt: skip
+        for group in self.param_groups:
+            entries = [(p, self.state[p]) for p in group["params"] if p.grad is not None]
+            for _, state in entries:
+                state["step"].fill_(t)
+            whole = [(p, s) for p, s in entries if p not in by_param]
+            if whole:
+                self._apply(group, [p for p, _ in whole], [p.grad for p, _ in whole], [s["exp_avg"] for _, s in whole],
+                            [s["exp_avg_sq"] for _, s in whole], [1.0] * len(whole), t)  # fmt: skip
+            beta1, beta2 = group["betas"]
+            for p, s in entries:
+                if p in by_param:
+                    masked_adamw_elements_(p, p.grad, s["exp_avg"], s["exp_avg_sq"], by_param[p], lr=group["lr"],
+                                           beta1=beta1, beta2=beta2, eps=group["eps"],
+                                           weight_decay=group["weight_decay"], step=t)  # fmt: skip
+        self._robust_sq = None
+        self._robust_grads = None
 
     def _apply(self, group, params, grads, exp_avgs, exp_avg_sqs, coefficients, step: int) -> None:
         """masked_adamw_ with the group's hyper-parameters (tensors may be views of flat partitions)."""

@@ -49,8 +49,16 @@ def key_value(key: int) -> float:
     return float((k ^ ((k >> 31) & 0x7FFFFFFF)).view(torch.float32))
 
 
+def _flat(local_scores: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    parts = [local_scores] if isinstance(local_scores, Tensor) else list(local_scores)
+    return [p.reshape(-1) for p in parts]
+
+
 def kth_smallest(
-    local_scores: Tensor, ks: Sequence[int], all_reduce: AllReduce = _identity, total: int | None = None
+    local_scores: Tensor | Sequence[Tensor],
+    ks: Sequence[int],
+    all_reduce: AllReduce = _identity,
+    total: int | None = None,
 ) -> list[float]:
     """The ``k``-th smallest (0-based) of the scores of all ranks together, for each ``k`` in ``ks``.
 
@@ -58,7 +66,8 @@ def kth_smallest(
     to ``torch.sort(torch.cat(all shards)).values[k]`` (and to ``torch.kthvalue(cat, k + 1)``).
 
     Args:
-        local_scores: This rank's scores (any shape, converted to float32; may be empty).
+        local_scores: This rank's scores: a tensor or a list of tensors taken together without
+            concatenating them (any shapes, converted to float32; may be empty).
         ks: Order statistics wanted, each in ``[0, total count)``.
         all_reduce: Sums an int64 tensor over the ranks and returns the sum.
         total: The number of scores of all ranks, if the caller knows it (saves one all-reduce).
@@ -66,35 +75,54 @@ def kth_smallest(
     Raises:
         IndexError: a ``k`` outside ``[0, total count)``.
     """
-    keys = order_keys(local_scores)
+    parts = _flat(local_scores)
     wanted = list(dict.fromkeys(int(k) for k in ks))
     if total is None:
-        total = int(all_reduce(torch.tensor([keys.numel()], dtype=torch.int64))[0])
+        total = int(all_reduce(torch.tensor([sum(p.numel() for p in parts)], dtype=torch.int64))[0])
     bad = [k for k in wanted if not 0 <= k < total]
     if bad:
         raise IndexError(f"order statistic {bad[0]} outside [0, {total}) of the scores of all ranks")
     remaining = list(wanted)
     prefixes = [0] * len(wanted)
-    candidates = [keys] * len(wanted)
+    # Candidates by prefix: targets that share a prefix share one tensor (many ties: one copy, not one per target).
+    candidates: dict[int, Tensor] = {}
     for round_ in range(ROUNDS):
         shift = 8 * (ROUNDS - 1 - round_)
         counts = torch.zeros(len(wanted), BINS, dtype=torch.int64)
-        for t, c in enumerate(candidates):
-            digits = (c >> shift) + 128 if round_ == 0 else (c >> shift) & 0xFF
-            counts[t] = torch.bincount(digits.to(torch.int64), minlength=BINS)
+        if round_ == 0:  # the top byte: one histogram for every target, keys made one part at a time
+            for part in parts:
+                top = (order_keys(part) >> shift) + 128
+                counts += torch.bincount(top.to(torch.int64), minlength=BINS)
+        else:
+            histograms = {p: torch.bincount(((c >> shift) & 0xFF).to(torch.int64), minlength=BINS)
+                          for p, c in candidates.items()}  # fmt: skip
+            for t in range(len(wanted)):
+                counts[t] = histograms[prefixes[t]]
         counts = all_reduce(counts)
         for t in range(len(wanted)):
             cumulative = counts[t].cumsum(0)
             digit = int(torch.searchsorted(cumulative, remaining[t], right=True))
             remaining[t] -= int(cumulative[digit - 1]) if digit > 0 else 0
             prefixes[t] = digit - 128 if round_ == 0 else (prefixes[t] << 8) | digit
-            if round_ < ROUNDS - 1:  # only keys with this prefix can hold the statistic
-                candidates[t] = candidates[t][(candidates[t] >> shift) == prefixes[t]]
+        if round_ == ROUNDS - 1:
+            break
+        if round_ == 0:  # only keys with the target's top byte can hold it (usually a small subset)
+            pieces: dict[int, list[Tensor]] = {p: [] for p in prefixes}
+            for part in parts:
+                keys = order_keys(part)
+                top = keys >> shift
+                for p in pieces:
+                    pieces[p].append(keys[top == p])
+            candidates = {p: torch.cat(x) if x else torch.empty(0, dtype=torch.int32) for p, x in pieces.items()}
+        else:
+            candidates = {p: candidates[p >> 8][(candidates[p >> 8] >> shift) == p] for p in set(prefixes)}
     value = {k: key_value(p) for k, p in zip(wanted, prefixes)}
     return [value[int(k)] for k in ks]
 
 
-def quantiles(local_scores: Tensor, qs: Sequence[float], all_reduce: AllReduce = _identity) -> Tensor:
+def quantiles(
+    local_scores: Tensor | Sequence[Tensor], qs: Sequence[float], all_reduce: AllReduce = _identity
+) -> Tensor:
     """``torch.quantile(torch.cat(all shards), qs)`` (linear interpolation), computed without gathering.
 
     Bit for bit equal to ``torch.quantile`` on the float32 concatenation wherever that accepts the input
@@ -106,7 +134,7 @@ def quantiles(local_scores: Tensor, qs: Sequence[float], all_reduce: AllReduce =
     Returns:
         float32 tensor with one value per ``q``.
     """
-    n = int(all_reduce(torch.tensor([local_scores.numel()], dtype=torch.int64))[0])
+    n = int(all_reduce(torch.tensor([sum(p.numel() for p in _flat(local_scores))], dtype=torch.int64))[0])
     if n == 0:
         raise IndexError("quantiles of no scores at all")
     dtype = torch.float32 if n <= FLOAT32_RANKS else torch.float64

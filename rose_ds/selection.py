@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from rose_ds import radix
 from rose_ds.config import ELIGIBILITY_ALIASES, ELIGIBILITY_PRESETS, RoseConfig
 
 
@@ -151,3 +152,76 @@ def needs_second_order(config: RoseConfig, step: int) -> bool:
     Not on step 1: no momentum exists yet, and the second-order mask is all ones then.
     """
     return config.mode in ("second", "ensemble") and step > 1 and masking_active(config, step)
+
+
+# ------------------------------------------------------------------------- element granularity
+# Scores are float32, one per element, computed exactly as written below; the band is the
+# ``torch.quantile`` band of all scores in scope, taken by ``radix.quantiles`` so that a sharded caller
+# (passing its shard and an ``all_reduce``) gets the same band without gathering the scores.
+
+
+def element_first_order_scores(robust_grad: Tensor) -> Tensor:
+    """``|dL_rob/dw|`` per element, float32."""
+    return robust_grad.detach().to(torch.float32).abs()
+
+
+def element_second_order_scores(grad: Tensor, momentum: Tensor, coef: float = 0.1) -> Tensor:
+    """``|coef * g / m - 1|`` per element, float32; infinite (never kept) where ``m == 0``."""
+    g = grad.detach().to(torch.float32)
+    m = momentum.detach().to(torch.float32)
+    score = (coef * g / m - 1.0).abs()
+    return score.masked_fill_(m == 0, float("inf"))
+
+
+def element_band_masks(
+    scores: Sequence[Tensor],
+    lower: float,
+    upper: float,
+    scope: str = "global",
+    all_reduce: radix.AllReduce = radix._identity,
+) -> list[Tensor]:
+    """Boolean keep-masks: ``quantile(lower%) <= score <= quantile(upper%)`` and the score is finite.
+
+    ``scope="global"`` takes one band over all tensors' scores together, ``"tensor"`` one per tensor.
+    With ``all_reduce`` each rank passes its shard of every tensor (possibly empty) and all ranks get
+    masks consistent with one band over the union of the shards.
+    """
+    qs = (lower / 100.0, upper / 100.0)
+    if scope == "global":
+        bands = [radix.quantiles(scores, qs, all_reduce).tolist()] * len(scores)
+    else:
+        bands = [radix.quantiles(s, qs, all_reduce).tolist() for s in scores]
+    return [(s >= lo) & (s <= hi) & torch.isfinite(s) for s, (lo, hi) in zip(scores, bands)]
+
+
+def element_coefficients(
+    config: RoseConfig,
+    step: int,
+    robust_grads: Sequence[Tensor] | None = None,
+    grads: Sequence[Tensor] | None = None,
+    momenta: Sequence[Tensor] | None = None,
+    all_reduce: radix.AllReduce = radix._identity,
+) -> list[Tensor] | None:
+    """The update coefficient of every element of every eligible tensor for step ``step`` (1-based).
+
+    Returns None when every element is updated (no masking this step, or mode second on step 1, when
+    no momentum exists yet); otherwise one tensor per eligible tensor: boolean for modes first and
+    second (``c`` is 0 or 1), float32 ``(1 - gamma) * M2 + gamma * M1`` for the ensemble.
+    """
+    if not masking_active(config, step):
+        return None
+    m1 = m2 = None
+    if needs_robust_gradient(config):
+        first = [element_first_order_scores(g) for g in robust_grads]
+        m1 = element_band_masks(first, config.lower, config.upper, config.scope, all_reduce)
+    if needs_second_order(config, step):
+        second = [element_second_order_scores(g, m, config.second_order_coef) for g, m in zip(grads, momenta)]
+        m2 = element_band_masks(second, config.lower, config.upper, config.scope, all_reduce)
+    if config.mode == "first":
+        return m1
+    if config.mode == "second":
+        return m2  # None on step 1: no momentum yet, every element is kept
+    if m2 is None:  # the ensemble on step 1: M2 is all ones
+        return [torch.where(a, 1.0, 1.0 - config.gamma).to(torch.float32) for a in m1]
+    return [((1.0 - config.gamma) * b.to(torch.float32)).add_(a.to(torch.float32), alpha=config.gamma)
+            for a, b in zip(m1, m2)]  # fmt: skip

@@ -35,8 +35,14 @@ from torch import Tensor, nn
 
 from rose_ds.config import RoseConfig
 from rose_ds.losses import RoseLosses, rose_losses
-from rose_ds.optim import RoseAdamW, sum_of_squares
-from rose_ds.selection import mask_coefficients, masking_active, needs_robust_gradient, needs_second_order
+from rose_ds.optim import RoseAdamW, masked_adamw_elements_, sum_of_squares
+from rose_ds.selection import (
+    element_coefficients,
+    mask_coefficients,
+    masking_active,
+    needs_robust_gradient,
+    needs_second_order,
+)
 
 
 class UnsupportedConfigError(ValueError):
@@ -248,6 +254,7 @@ class ZeroBinding:
         self._index_of = {p: index[n] for p, n in names.items() if n in index}
         self._model_params = [p for p in engine.module.parameters() if p.requires_grad]
         self._robust_sq: Tensor | None = None  # this rank's partial robust sums of squares
+        self._robust_fragments: dict[int, Tensor] | None = None  # element granularity: the fragments themselves
         self._robust_store: dict[Any, Any] = {}  # accumulated robust gradient between micro-batches
         self._micro = 0  # micro-batches seen in the current accumulation window
         self._stash: list[tuple[dict[str, Any], list[Tensor], list[Tensor | None]]] = []
@@ -442,6 +449,14 @@ class ZeroBinding:
         ]
 
     def _set_robust_statistics(self, fragments: list[tuple[int, Tensor]]) -> None:
+        if self.opt.rose.granularity == "element":  # element scores need the gradient itself (O(P/N))
+            scale = float(self.zo.loss_scale) if self.loss_scaled else 1.0  # a power of two: exact
+            kept = {i: f.detach().to(torch.float32).div(scale) for i, f in fragments}
+            if self.stage == 0:  # the dense path of RoseAdamW.step() reads them, shaped as the parameters
+                self.opt._robust_grads = [kept.get(i) for i in range(len(self.opt.eligible_names))]
+            else:  # flat, like the partition segments they are scored with
+                self._robust_fragments = {i: f.reshape(-1) for i, f in kept.items()}
+            return
         sq = _index_sum_of_squares(fragments, len(self.opt.eligible_names))
         if self.loss_scaled:  # fp16: gradients are still multiplied by the loss scale here
             sq /= float(self.zo.loss_scale) ** 2
@@ -462,6 +477,11 @@ class ZeroBinding:
         stash, self._stash = self._stash, []
         flats = [f for _, fs, _ in stash for f in fs]
         t = int(max(float(opt.state[f]["step"]) for f in flats)) + 1
+        if opt.rose.granularity == "element":
+            self._element_client_step(t, stash)
+            for flat in flats[:-1]:
+                self._recopy_to_model(flat)
+            return
         coefficients = self._coefficients(t, stash)
         opt.last_mask = dict(zip(opt.eligible_names, coefficients.tolist()))
         c_list = coefficients.tolist()
@@ -486,6 +506,77 @@ class ZeroBinding:
         for flat in flats[:-1]:
             self._recopy_to_model(flat)
         self._robust_sq = None
+
+    def _all_reduce(self, t: Tensor) -> Tensor:
+        """Sum over the data-parallel group, on the accelerator (NCCL needs device tensors)."""
+        on_device = t.to(get_accelerator().current_device_name())
+        dist.all_reduce(on_device, group=self.group)
+        return on_device.cpu()
+
+    def _element_client_step(self, t: int, stash) -> None:
+        """Element granularity over flat partitions: this rank scores its own segments; the band of all
+        ranks' scores comes from ``radix`` (a few all-reduces of 256-bin histograms), never gathered."""
+        opt, cfg, n = self.opt, self.opt.rose, len(self.opt.eligible_names)
+        local = []  # (group, flat, grad, state, start, numel, idx) of every eligible segment held here
+        for group, fs, grads in stash:
+            for flat, grad in zip(fs, grads):
+                state = opt.state[flat]
+                state["step"].fill_(t)
+                if grad is None:
+                    continue
+                active = masking_active(cfg, t)
+                # non-eligible segments (and all of them when nothing is masked): plain AdamW, merged runs
+                runs = _runs([(a, b, -1) for a, b, i in self._segments[id(flat)] if i < 0 or not active], [])
+                if runs:
+                    views = [(a, b) for a, b, _ in runs]
+                    tensors = [[x.narrow(0, a, b) for a, b in views] for x in (flat, grad, state["exp_avg"],
+                                                                               state["exp_avg_sq"])]  # fmt: skip
+                    opt._apply(group, *tensors, [1.0] * len(views), t)
+                if masking_active(cfg, t):
+                    local += [(group, flat, grad, state, a, b, i) for a, b, i in self._segments[id(flat)] if i >= 0]
+        if not masking_active(cfg, t):
+            opt.last_mask = dict.fromkeys(opt.eligible_names, 1.0)
+            return
+        # one score tensor per eligible tensor (this rank's fragment, possibly empty), in index order, so
+        # that every rank makes the same collective calls whatever it holds
+        by_index: dict[int, list] = {i: [] for i in range(n)}
+        for entry in local:
+            by_index[entry[6]].append(entry)
+        empty = torch.empty(0)
+        robust = grads = momenta = None
+        if needs_robust_gradient(cfg):
+            if self._robust_fragments is None:
+                raise RuntimeError(
+                    f"RoseAdamW(mode={cfg.mode!r}) step {t}: no robust gradient was captured; use "
+                    "rose_ds.train_step(engine, ...) or rose_ds.backward(engine, losses) before engine.step()"
+                )
+            robust = [self._robust_fragments.get(i, empty) if by_index[i] else empty for i in range(n)]
+        if needs_second_order(cfg, t):
+            grads = [torch.cat([e[2].narrow(0, e[4], e[5]) for e in by_index[i]]) if by_index[i] else empty
+                     for i in range(n)]  # fmt: skip
+            momenta = [torch.cat([e[3]["exp_avg"].narrow(0, e[4], e[5]) for e in by_index[i]]) if by_index[i]
+                       else empty for i in range(n)]  # fmt: skip
+        masks = element_coefficients(cfg, t, robust, grads, momenta, self._all_reduce)
+        counts = torch.zeros(2, n, dtype=torch.float64)
+        for i in range(n):
+            offset = 0
+            for group, flat, grad, state, start, numel, _ in by_index[i]:
+                c = None if masks is None else masks[i].narrow(0, offset, numel)
+                offset += numel
+                views = [x.narrow(0, start, numel) for x in (flat, grad, state["exp_avg"], state["exp_avg_sq"])]
+                if c is None:
+                    opt._apply(group, *[[v] for v in views], [1.0], t)
+                    counts[0, i] += numel
+                    continue
+                beta1, beta2 = group["betas"]
+                masked_adamw_elements_(*views, c, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                       weight_decay=group["weight_decay"], step=t)  # fmt: skip
+                counts[0, i] += float(c.sum(dtype=torch.float64))
+            counts[1, i] += sum(e[5] for e in by_index[i])
+        counts = self._all_reduce(counts)  # the kept fraction of each whole tensor, for last_mask
+        opt.last_mask = {name: float(counts[0, i] / counts[1, i]) if counts[1, i] else 1.0
+                         for i, name in enumerate(opt.eligible_names)}  # fmt: skip
+        self._robust_fragments = None
 
     def _coefficients(self, t: int, stash) -> Tensor:
         cfg, n = self.opt.rose, len(self.opt.eligible_names)

@@ -45,6 +45,8 @@ class ReferenceRose:
         betas=(0.9, 0.98),
         eps=1e-6,
         eligible=reference_eligible,
+        granularity="tensor",
+        scope="global",
     ):
         self.params = dict(model.named_parameters())
         self.groups = groups
@@ -56,18 +58,50 @@ class ReferenceRose:
         self.v = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.t = 0
         self.last_mask: dict[str, float] = {}
+        self.granularity, self.scope = granularity, scope
 
     def _band(self, scores: dict[str, float]) -> dict[str, float]:
         vec = torch.tensor([scores[n] for n in self.eligible], dtype=torch.float64)
         lo, hi = torch.quantile(vec, torch.tensor([self.lower / 100, self.upper / 100], dtype=torch.float64))
         return {n: 1.0 if (lo <= scores[n] <= hi and math.isfinite(scores[n])) else 0.0 for n in self.eligible}
 
+    def _element_band(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Element granularity: the torch.quantile band of the float32 scores in scope, as 0/1 floats."""
+        qs = torch.tensor([self.lower / 100, self.upper / 100])
+        if self.scope == "global":
+            lo, hi = torch.quantile(torch.cat([scores[n].reshape(-1) for n in self.eligible]), qs)
+            bands = {n: (lo, hi) for n in self.eligible}
+        else:
+            bands = {n: tuple(torch.quantile(scores[n].reshape(-1), qs)) for n in self.eligible}
+        return {n: ((scores[n] >= bands[n][0]) & (scores[n] <= bands[n][1]) & scores[n].isfinite()).float()
+                for n in self.eligible}  # fmt: skip
+
+    def _element_coefficients(self, robust_grads, t):
+        ones = {n: torch.ones_like(self.params[n]) for n in self.eligible}
+        m1 = m2 = ones
+        if self.mode in ("first", "ensemble"):
+            m1 = self._element_band({n: robust_grads[n].float().abs() for n in self.eligible})
+        if self.mode in ("second", "ensemble") and t > 1:
+            r2 = {}
+            for n in self.eligible:
+                g, m = self.params[n].grad.float(), self.m[n].float()
+                r2[n] = torch.where(m == 0, torch.inf, (self.coef * g / m - 1).abs())
+            m2 = self._element_band(r2)
+        if self.mode == "first":
+            return m1
+        if self.mode == "second":
+            return m2
+        return {n: (1 - self.gamma) * m2[n] + self.gamma * m1[n] for n in self.eligible}
+
     @torch.no_grad()
     def step(self, robust_grads: dict[str, torch.Tensor] | None) -> None:
         self.t += 1
         t = self.t
         ones = {n: 1.0 for n in self.eligible}
-        if self.mode == "none" or t <= self.warmup:
+        if self.granularity == "element" and not (self.mode == "none" or t <= self.warmup):
+            c = self._element_coefficients(robust_grads, t)
+            self.last_mask = {n: float(c[n].sum(dtype=torch.float64) / c[n].numel()) for n in self.eligible}
+        elif self.mode == "none" or t <= self.warmup:
             c = ones
         else:
             m1 = m2 = ones
@@ -87,7 +121,8 @@ class ReferenceRose:
                 c = m2
             else:
                 c = {n: (1 - self.gamma) * m2[n] + self.gamma * m1[n] for n in self.eligible}
-        self.last_mask = dict(c)
+        if not isinstance(next(iter(c.values()), 1.0), torch.Tensor):
+            self.last_mask = dict(c)
 
         b1, b2 = self.beta1, self.beta2
         for names, lr, wd in self.groups:

@@ -49,6 +49,8 @@ def test_defaults_are_valid_and_serialisable():
         warmup_steps=0,
         eligibility="original",
         eligibility_regex=None,
+        granularity="tensor",
+        scope="global",
     )
 
 

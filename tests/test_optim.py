@@ -37,6 +37,8 @@ def make_reference(model, **rose):
         warmup=cfg.warmup_steps,
         betas=BETAS,
         eps=EPS,
+        granularity=cfg.granularity,
+        scope=cfg.scope,
     )
 
 

@@ -129,3 +129,12 @@ def test_nan_sorts_highest_and_bad_k_is_refused():
     with pytest.raises(IndexError, match="outside"):
         radix.kth_smallest(x, [5])
     assert radix.key_value(int(radix.order_keys(torch.tensor([-3.25]))[0])) == -3.25
+
+
+def test_a_list_of_tensors_is_taken_together_without_concatenating():
+    generator = torch.Generator().manual_seed(5)
+    parts = [torch.randn(3, 7, generator=generator), torch.empty(0), torch.randint(0, 3, (11,)).float()]
+    flat = torch.cat([p.reshape(-1) for p in parts])
+    ks = list(range(flat.numel()))
+    assert radix.kth_smallest(parts, ks) == flat.sort().values.tolist()
+    assert torch.equal(radix.quantiles(parts, [0.1, 0.5, 0.9]), torch.quantile(flat, torch.tensor([0.1, 0.5, 0.9])))

@@ -60,6 +60,19 @@ EXTRA_CASES = {
         *[_case(f"dropout-s{s}", stage=s, loss="rose", dropout=0.1) for s in range(4)],
     ],
 }
+# Element granularity: the band over all ranks' element scores (rose_ds.radix), never gathered.
+ELEMENT = [(s, m, "global") for s in range(4) for m in ("first", "second", "ensemble")]
+ELEMENT += [(s, "ensemble", "tensor") for s in (2, 3)]
+for _s, _m, _scope in ELEMENT:
+    EXTRA_CASES[2].append(_case(f"element-s{_s}-{_m}-{_scope}", stage=_s, rose={"mode": _m, "upper": 70,
+                                "granularity": "element", "scope": _scope}))  # fmt: skip
+for _s in (1, 2, 3):  # gradient accumulation: the robust gradient of the whole accumulated batch, per element
+    EXTRA_CASES[2].append(_case(f"element-s{_s}-ensemble-global-gas2", stage=_s, gas=2, rose={"mode": "ensemble",
+                                "upper": 70, "granularity": "element"}))  # fmt: skip
+EXTRA_CASES[2].append(_case("element-offload-s2", stage=2, offload=True, rose={"mode": "ensemble", "upper": 70,
+                            "granularity": "element"}))  # fmt: skip
+EXTRA_CASES.setdefault(3, []).append(_case("element-w3-s3-ensemble-global", stage=3, rose={"mode": "ensemble",
+                                           "upper": 70, "granularity": "element"}))  # fmt: skip
 # Real dropout on one rank: a dense run draws the same masks, so even the ZeRO-3 recomputation of
 # the forward passes (same random state) is checked against the dense RoseAdamW.
 EXTRA_CASES[1] = [_case(f"dropout-w1-s{s}", stage=s, loss="rose", dropout=0.1) for s in (0, 2, 3)]
@@ -191,6 +204,17 @@ def test_parity_with_dense(results, world, stage, mode, gas):
 def test_offload_clipping_and_subgroups(results, name):
     case = next(c for c in EXTRA_CASES[2] if c["name"] == name)
     assert_matches_dense(case, 2, results)
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in EXTRA_CASES[2] if c["name"].startswith("element")])
+def test_element_granularity_matches_dense(results, name):
+    case = next(c for c in EXTRA_CASES[2] if c["name"] == name)
+    masks = assert_matches_dense(case, 2, results)
+    assert any(0 < v < 1 for m in masks[1:] for v in m.values())  # elements, not whole tensors, were frozen
+
+
+def test_element_granularity_on_three_ranks_at_zero3(results):
+    assert_matches_dense(EXTRA_CASES[3][-1], 3, results)
 
 
 @pytest.mark.parametrize("name", ["bf16-s0", "bf16-s1", "bf16-s2", "bf16-s3", "bf16-s2-gas2", "bf16-s3-gas2"])
