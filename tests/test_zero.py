@@ -18,7 +18,7 @@ import pytest
 import torch
 from models import random_batch, tiny_bert
 
-from rose_ds import RoseAdamW, RoseConfig, rose_losses
+from rose_ds import RoseAdamW, RoseConfig, radix, rose_losses
 from rose_ds.zero import decay_param_groups
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
@@ -77,6 +77,8 @@ EXTRA_CASES.setdefault(3, []).append(_case("element-w3-s3-ensemble-global", stag
 # the forward passes (same random state) is checked against the dense RoseAdamW.
 EXTRA_CASES[1] = [_case(f"dropout-w1-s{s}", stage=s, loss="rose", dropout=0.1) for s in (0, 2, 3)]
 TRAFFIC = [(w, s, m, h) for w in (1, 2, 3) for s in (2, 3) for m in ("none", "second", "first") for h in (32, 64)]
+TRAFFIC += [(w, s, "element", h) for w in (2, 3) for s in (2, 3) for h in (32, 64)]
+ROSE["element"] = {"mode": "ensemble", "upper": 70, "granularity": "element"}
 for w, s, m, h in TRAFFIC:
     EXTRA_CASES.setdefault(w, []).append(_case(f"traffic-w{w}-s{s}-{m}-h{h}", stage=s, rose=ROSE[m], hidden=h, steps=3))
 
@@ -243,6 +245,23 @@ def _bytes(results, world, stage, mode, hidden, phase):
     ranks, _ = results(world, f"traffic-w{world}-s{stage}-{mode}-h{hidden}")
     per_step = [b.get(phase, 0) for b in ranks[0]["bytes"]]
     return sum(per_step), per_step, ranks[0]["num_eligible"], ranks[0]["numel"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("stage", [2, 3])
+def test_element_selection_traffic_does_not_grow_with_the_model(results, world, stage):
+    for hidden in (32, 64):
+        _, none, n_elig, numel = _bytes(results, world, stage, "none", hidden, "step")
+        _, element, _, _ = _bytes(results, world, stage, "element", hidden, "step")
+        model = tiny_bert(hidden=hidden)
+        opt = RoseAdamW(decay_param_groups(model, WD), rose=RoseConfig(**ROSE["element"]))
+        p = sum(dict(model.named_parameters())[n].numel() for n in opt.eligible_names)
+        ranks = torch.tensor([0.0, 0.7]) * (p - 1)  # the order statistics radix.quantiles asks for
+        targets = len(set(ranks.long().tolist()) | set(ranks.ceil().long().tolist()))
+        band = 8 + radix.ROUNDS * targets * radix.BINS * 8  # the count, then 4 rounds of histograms
+        # step 1 takes the first-order band (no momentum yet), later steps both; then the kept counts
+        expected = [band + 2 * n_elig * 8] + [2 * band + 2 * n_elig * 8] * (len(none) - 1)
+        assert [e - n for e, n in zip(element, none, strict=True)] == expected, (hidden, p, numel)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
