@@ -6,6 +6,8 @@ and the two RMSNorm weights; >= 100M elements) is stepped by
 * torch.optim.AdamW on the flat tensor (foreach, and fused where torch has it for the device),
 * the second-order floor: torch's fused AdamW plus a ``dot`` over the gradient and one over the
   momentum, the two extra reads that a per-tensor ``||g_t||`` and ``||m_{t-1}||`` cannot avoid,
+* element granularity (second-order, one global band over all the shard's elements through
+  ``rose_ds.radix``): the selection alone, and selection plus the element-masked update,
 * RoseAdamW's ZeRO path, foreach and fused: the masked update over segment views, with every tensor
   kept (c = 1), every tensor frozen (c = 0), and the published 65 % of eligible tensors kept; for
   ROSE-Second/Ensemble ("second-order") preceded by the per-segment grad and momentum squared norms
@@ -33,7 +35,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rose_ds.optim import masked_adamw_  # noqa: E402
+from rose_ds.optim import masked_adamw_, masked_adamw_elements_  # noqa: E402
+from rose_ds.selection import element_band_masks, element_second_order_scores  # noqa: E402
 from rose_ds.zero import _index_sum_of_squares, _runs  # noqa: E402
 
 LR, BETAS, EPS, WD, STEP = 1e-4, (0.9, 0.98), 1e-6, 0.01, 10
@@ -123,7 +126,24 @@ def main() -> None:
 
         return step
 
+    def element_step(update: bool):
+        """Element granularity, second-order, one global band over the shard's eligible elements."""
+        param, m, v = shared
+
+        def step():
+            scores = [element_second_order_scores(grad.narrow(0, s, n), m.narrow(0, s, n)) for s, n, _ in segments]
+            masks = element_band_masks(scores, 0.0, 65.0)
+            if update:
+                for (s, n, _), c in zip(segments, masks):
+                    masked_adamw_elements_(param.narrow(0, s, n), grad.narrow(0, s, n), m.narrow(0, s, n),
+                                           v.narrow(0, s, n), c, lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
+                                           weight_decay=WD, step=STEP)  # fmt: skip
+
+        return step
+
     variants = dict(torch_variants, **floor_variant)
+    variants["RoseAdamW element second-order selection only"] = element_step(update=False)
+    variants["RoseAdamW element second-order step"] = element_step(update=True)
     for fused in (False, True):
         kind = "fused" if fused else "foreach"
         # second-order modes (second, ensemble) take grad and momentum norms inside the step; ROSE-First

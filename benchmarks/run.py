@@ -116,6 +116,20 @@ def table(results: dict) -> tuple[list[dict], str]:
     rows.append({"section": "selection bytes", "line": "constant in params and world size (= 3 x 8 B x tensors)",
                  "value": float(constant and exact), "ratio": None,
                  "target": "== PASS" if constant and exact else "== FAIL"})  # fmt: skip
+    # element granularity: histogram all-reduces of fixed size, however many elements are scored
+    element = set()
+    for run in results["traffic"]:
+        for r in run["ranks"][0]["rows"]:
+            if "element_selection_bytes" in r:
+                element.add(r["element_selection_bytes"] - 16 * r["eligible_tensors"])
+                rows.append({"section": "element selection bytes", "line": f"world {run['world_size']}, "
+                             f"{r['params'] / 1e6:.1f}M params", "value": r["element_selection_bytes"],
+                             "ratio": r["element_selection_bytes"] / r["params"], "target": ""})  # fmt: skip
+    if element:  # per band: the count (8 B), then 4 rounds of <= 4 targets x 256 int64 bins, whatever the size
+        bound = 8 + 4 * 4 * 256 * 8
+        rows.append({"section": "element selection bytes", "line": "histogram bytes per step, any size and world",
+                     "value": max(element), "ratio": None,
+                     "target": f"<= {bound} {'PASS' if max(element) <= bound else 'FAIL'}"})  # fmt: skip
     by = {(r["args"]["stage"], r["args"]["variant"]): r for r in results["memory"]}
     for stage in sorted({s for s, _ in by}):
         van, first = by[(stage, "vanilla")], by[(stage, "first")]

@@ -105,9 +105,10 @@ def build(variant: str, stage: int, args) -> tuple:
             engine.step()
 
         return engine, step
-    mode = "first" if variant == "two-pass" else variant
-    engine, *_ = rose_ds.initialize(model, cfg, rose=RoseConfig(mode=mode, upper=70), lr=LR, betas=BETAS, eps=EPS,
-                                    weight_decay=WD, fused=args.fused)  # fmt: skip
+    mode = {"two-pass": "first", "second-element": "second"}.get(variant, variant)
+    rose = RoseConfig(mode=mode, upper=70, granularity="element" if variant.endswith("element") else "tensor")
+    engine, *_ = rose_ds.initialize(model, cfg, rose=rose, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
+                                    fused=args.fused)  # fmt: skip
     if variant == "two-pass":
         _switch_selection_off(engine)
     return engine, lambda inputs, labels: rose_ds.train_step(engine, inputs, labels)
@@ -196,7 +197,7 @@ def run_traffic(args) -> dict:
     rows = []
     for hidden, layers in args.sizes:
         per_variant = {}
-        for variant in ("vanilla", "none", "second"):
+        for variant in ("vanilla", "none", "second", "second-element"):
             args.hidden, args.layers = hidden, layers
             engine, _ = build(variant, 2, args)
             steps = []
@@ -219,7 +220,8 @@ def run_traffic(args) -> dict:
         rows.append({"hidden": hidden, "layers": layers, "params": numel, "eligible_tensors": eligible,
                      "step_bytes_vanilla": per_variant["vanilla"], "step_bytes_rose_none": per_variant["none"],
                      "step_bytes_second": per_variant["second"],
-                     "selection_bytes": per_variant["second"] - per_variant["none"]})  # fmt: skip
+                     "selection_bytes": per_variant["second"] - per_variant["none"],
+                     "element_selection_bytes": per_variant["second-element"] - per_variant["none"]})  # fmt: skip
     return {"world_size": dist.get_world_size(), "rows": rows}
 
 

@@ -150,6 +150,12 @@ class Args:
     rose_eligibility_regex: str | None = field(
         default=None, metadata={"help": "regex on parameter names; overrides --rose_eligibility"}
     )
+    rose_granularity: str = field(
+        default="tensor", metadata={"help": "tensor (the paper: a mask value per tensor) or element (per element)"}
+    )
+    rose_scope: str = field(
+        default="global", metadata={"help": "element granularity: global (one band) or tensor (a band per tensor)"}
+    )
     rose_preset: str | None = field(
         default=None,
         metadata={
@@ -486,6 +492,7 @@ def check_arguments(args: Args) -> rose_ds.RoseConfig:
             mode=args.rose_mode, upper=args.rose_upper, lower=args.rose_lower, gamma=args.rose_gamma,
             second_order_coef=args.rose_second_order_coef, warmup_steps=args.rose_warmup_steps,
             eligibility=args.rose_eligibility, eligibility_regex=args.rose_eligibility_regex,
+            granularity=args.rose_granularity, scope=args.rose_scope,
         )  # fmt: skip
     except rose_ds.RoseConfigError as err:
         fail(str(err).replace("RoseConfig.", "--rose_"))

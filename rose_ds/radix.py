@@ -34,9 +34,15 @@ def _identity(t: Tensor) -> Tensor:
     return t
 
 
-def order_keys(scores: Tensor) -> Tensor:
-    """int32 keys whose signed order is the order of the float32 ``scores`` (NaN highest, -0.0 = +0.0)."""
+def order_keys(scores: Tensor, nonnegative: bool = False) -> Tensor:
+    """int32 keys whose signed order is the order of the float32 ``scores`` (NaN highest, -0.0 = +0.0).
+
+    ``nonnegative=True`` promises scores without a sign bit (results of ``abs``, +inf, +NaN): their
+    bit patterns are already ordered, and the keys are a view of the scores (no pass over them).
+    """
     x = scores.detach().to(torch.float32).reshape(-1)
+    if nonnegative:
+        return x.view(torch.int32)
     # one NaN bit pattern (positive, above +inf) and one zero, so equal floats get equal keys
     x = torch.where(torch.isnan(x), torch.tensor(float("nan")), x) + 0.0
     bits = x.view(torch.int32)
@@ -59,6 +65,7 @@ def kth_smallest(
     ks: Sequence[int],
     all_reduce: AllReduce = _identity,
     total: int | None = None,
+    nonnegative: bool = False,
 ) -> list[float]:
     """The ``k``-th smallest (0-based) of the scores of all ranks together, for each ``k`` in ``ks``.
 
@@ -71,6 +78,7 @@ def kth_smallest(
         ks: Order statistics wanted, each in ``[0, total count)``.
         all_reduce: Sums an int64 tensor over the ranks and returns the sum.
         total: The number of scores of all ranks, if the caller knows it (saves one all-reduce).
+        nonnegative: The scores have no sign bit set (see :func:`order_keys`): skips the key mapping.
 
     Raises:
         IndexError: a ``k`` outside ``[0, total count)``.
@@ -89,10 +97,11 @@ def kth_smallest(
     for round_ in range(ROUNDS):
         shift = 8 * (ROUNDS - 1 - round_)
         counts = torch.zeros(len(wanted), BINS, dtype=torch.int64)
-        if round_ == 0:  # the top byte: one histogram for every target, keys made one part at a time
+        if round_ == 0:  # the top byte: one histogram for every target, kept (1 byte per score) for the cut
+            tops = []
             for part in parts:
-                top = (order_keys(part) >> shift) + 128
-                counts += torch.bincount(top.to(torch.int64), minlength=BINS)
+                tops.append(((order_keys(part, nonnegative) >> shift) + 128).to(torch.uint8))
+                counts += torch.bincount(tops[-1], minlength=BINS)
         else:
             histograms = {p: torch.bincount(((c >> shift) & 0xFF).to(torch.int64), minlength=BINS)
                           for p, c in candidates.items()}  # fmt: skip
@@ -108,11 +117,11 @@ def kth_smallest(
             break
         if round_ == 0:  # only keys with the target's top byte can hold it (usually a small subset)
             pieces: dict[int, list[Tensor]] = {p: [] for p in prefixes}
-            for part in parts:
-                keys = order_keys(part)
-                top = keys >> shift
+            for part, top in zip(parts, tops):
+                keys = order_keys(part, nonnegative)
                 for p in pieces:
-                    pieces[p].append(keys[top == p])
+                    pieces[p].append(keys[top == p + 128])
+            del tops
             candidates = {p: torch.cat(x) if x else torch.empty(0, dtype=torch.int32) for p, x in pieces.items()}
         else:
             candidates = {p: candidates[p >> 8][(candidates[p >> 8] >> shift) == p] for p in set(prefixes)}
@@ -121,7 +130,10 @@ def kth_smallest(
 
 
 def quantiles(
-    local_scores: Tensor | Sequence[Tensor], qs: Sequence[float], all_reduce: AllReduce = _identity
+    local_scores: Tensor | Sequence[Tensor],
+    qs: Sequence[float],
+    all_reduce: AllReduce = _identity,
+    nonnegative: bool = False,
 ) -> Tensor:
     """``torch.quantile(torch.cat(all shards), qs)`` (linear interpolation), computed without gathering.
 
@@ -141,7 +153,7 @@ def quantiles(
     ranks = torch.tensor(list(qs), dtype=dtype) * (n - 1)
     below = ranks.to(torch.long)
     above = ranks.ceil().to(torch.long)
-    values = kth_smallest(local_scores, below.tolist() + above.tolist(), all_reduce, total=n)
+    values = kth_smallest(local_scores, below.tolist() + above.tolist(), all_reduce, total=n, nonnegative=nonnegative)
     v_below = torch.tensor(values[: len(below)], dtype=torch.float32)
     v_above = torch.tensor(values[len(below) :], dtype=torch.float32)
     mixed = torch.lerp(v_below, v_above, (ranks - below).to(torch.float32))

@@ -182,15 +182,17 @@ def element_band_masks(
 ) -> list[Tensor]:
     """Boolean keep-masks: ``quantile(lower%) <= score <= quantile(upper%)`` and the score is finite.
 
+    The scores must be non-negative (as every element score is: an absolute value, +inf or +NaN).
+
     ``scope="global"`` takes one band over all tensors' scores together, ``"tensor"`` one per tensor.
     With ``all_reduce`` each rank passes its shard of every tensor (possibly empty) and all ranks get
     masks consistent with one band over the union of the shards.
     """
     qs = (lower / 100.0, upper / 100.0)
     if scope == "global":
-        bands = [radix.quantiles(scores, qs, all_reduce).tolist()] * len(scores)
+        bands = [radix.quantiles(scores, qs, all_reduce, nonnegative=True).tolist()] * len(scores)
     else:
-        bands = [radix.quantiles(s, qs, all_reduce).tolist() for s in scores]
+        bands = [radix.quantiles(s, qs, all_reduce, nonnegative=True).tolist() for s in scores]
     return [(s >= lo) & (s <= hi) & torch.isfinite(s) for s, (lo, hi) in zip(scores, bands)]
 
 

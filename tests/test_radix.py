@@ -138,3 +138,17 @@ def test_a_list_of_tensors_is_taken_together_without_concatenating():
     ks = list(range(flat.numel()))
     assert radix.kth_smallest(parts, ks) == flat.sort().values.tolist()
     assert torch.equal(radix.quantiles(parts, [0.1, 0.5, 0.9]), torch.quantile(flat, torch.tensor([0.1, 0.5, 0.9])))
+
+
+def test_nonnegative_scores_take_the_zero_copy_path_with_the_same_answer():
+    generator = torch.Generator().manual_seed(7)
+    for _, x in distributions(generator, 4001):
+        scores = x.abs()
+        scores[::97] = float("nan")  # abs() of a NaN gradient: a NaN without the sign bit
+        scores = scores.abs()
+        assert (radix.order_keys(scores, nonnegative=True) >= 0).all()
+        for ks in ([0, 17, 2000, 4000],):
+            assert radix.kth_smallest(scores, ks, nonnegative=True)[:3] == radix.kth_smallest(scores, ks)[:3]
+        finite = scores[~scores.isnan()]
+        qs = [0.0, 0.65]
+        assert torch.equal(radix.quantiles(finite, qs, nonnegative=True), radix.quantiles(finite, qs))
