@@ -198,14 +198,47 @@ def report(root: Path) -> dict:
         "tensors over the logged steps) in %, sharpness as a loss increase, train loss the mean of the last 5 "
         "logged values. In parentheses: the paired difference to vanilla (same seed), mean ± std over seeds."
     )
-    (root / "results.md").write_text("\n".join(lines) + "\n\n" + note + "\n")
+    kinds = kept_by_kind(root, records, methods)
+    kinds_note = ("Kept (mean c, %) per kind of eligible tensor over all steps, layers and seeds; changes per step: "
+                  "the fraction of eligible tensors whose c differs from the previous step (%).")  # fmt: skip
+    (root / "results.md").write_text("\n".join(lines) + "\n\n" + note + "\n\n" + kinds + "\n\n" + kinds_note + "\n")
     (root / "results.json").write_text(json.dumps(table, indent=1))
     _plot_metrics(table, methods, root / "results.png")
     landscapes = {METHODS[r["method"]]: r["landscape"] for r in records if "landscape" in r}
     if landscapes:
         analysis.plot_landscapes(landscapes, root / "landscape.png")
-    print("\n".join(lines))
+    print("\n".join(lines) + "\n\n" + kinds)
     return table
+
+
+KINDS = (("attention.self.query", "query"), ("attention.self.key", "key"), ("attention.self.value", "value"),
+         ("attention.output.dense", "attn. out"), ("intermediate.dense", "FFN in"), ("output.dense", "FFN out"),
+         ("LayerNorm", "LayerNorm"))  # fmt: skip
+
+
+def _kind(name: str) -> str:
+    return next((label for key, label in KINDS if key in name), "other")
+
+
+def kept_by_kind(root: Path, records: list[dict], methods: list[str]) -> str:
+    """How often each kind of eligible tensor was updated (mean c over steps, layers and seeds), from the
+    mask history the program keeps in trainer_state.json: does ROSE select dynamically, or always the same?"""
+    rows, labels = [], [label for _, label in KINDS]
+    for method in methods:
+        if method == "none":
+            continue
+        sums: dict[str, list[float]] = {label: [] for label in labels}
+        flips = []
+        for record in (r for r in records if r["method"] == method):
+            state = json.loads((root / "train" / record["run"] / "trainer_state.json").read_text())
+            history = torch.tensor(state["mask_history"], dtype=torch.float64)  # steps x tensors
+            for j, name in enumerate(state["eligible_tensors"]):
+                sums.setdefault(_kind(name), []).append(float(history[:, j].mean()))
+            flips.append(float((history[1:] != history[:-1]).double().mean()))
+        cells = [f"{100 * statistics.fmean(sums[label]):.0f}" if sums[label] else "-" for label in labels]
+        rows.append(f"| {METHODS[method]} | " + " | ".join(cells) + f" | {100 * statistics.fmean(flips):.1f} |")
+    head = "| method | " + " | ".join(labels) + " | changes per step |"
+    return "\n".join([head, "|---|" + "---|" * (len(labels) + 1), *rows])
 
 
 def _plot_metrics(table: dict, methods: list[str], path: Path) -> None:

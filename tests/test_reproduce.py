@@ -58,6 +58,7 @@ def test_reduced_pipeline_trains_attacks_measures_and_reports(tmp_path):
     assert kept and all(k < 1 for k in kept)  # ROSE really froze tensors
     table = (out / "results.md").read_text()
     assert "| vanilla | 1 |" in table and "| ROSE-Ensemble | 1 |" in table and "PWWS acc. under attack" in table
+    assert "changes per step" in table  # the kept-by-tensor-kind table from the mask history
     results = json.loads((out / "results.json").read_text())
     assert "diff_vs_vanilla" in results["ensemble"]["pwws_accuracy_under_attack"]
     for png in ("results.png", "landscape.png"):
