@@ -20,7 +20,7 @@ if [[ "${REDUCED:-0}" == 1 ]]; then
     SURFACE=${SURFACE:-3} EVAL_SAMPLES=${EVAL_SAMPLES:-64}
 else
     SEEDS=${SEEDS:-"1 2 3"} MODES=${MODES:-"none first second ensemble"} STEPS=${STEPS:-200}
-    EXAMPLES=${EXAMPLES:-150} SURFACE=${SURFACE:-9} EVAL_SAMPLES=${EVAL_SAMPLES:-} LRS=${LRS:-"1e-4 3e-4"}
+    EXAMPLES=${EXAMPLES:-80} SURFACE=${SURFACE:-7} EVAL_SAMPLES=${EVAL_SAMPLES:-} LRS=${LRS:-"1e-4 3e-4"}
 fi
 # The published SST-2 (RoBERTa-base) `upper` of each variant; one learning rate for all methods, the one
 # of LRS whose vanilla run (first seed) has the best clean validation accuracy.
@@ -34,7 +34,7 @@ train() {  # train MODE SEED LR DIR
     [[ -f "$run/model.safetensors" && -f "$run/eval_results.json" ]] && return 0
     echo "== train $1 seed $2 lr $3 -> $run"
     [[ -n "$EVAL_SAMPLES" ]] && extra+=(--max_eval_samples "$EVAL_SAMPLES")
-    "$BIN/deepspeed" --num_gpus 2 --master_port "${MASTER_PORT:-29561}" launch/finetune.py \
+    "$BIN/deepspeed" --num_gpus 2 --master_port "${MASTER_PORT:-29597}" launch/finetune.py \
         --deepspeed ds_configs/zero2.json --output_dir "$run" --overwrite_output_dir \
         --rose_mode "$1" --rose_upper "${UPPER[$1]}" --learning_rate "$3" --seed "$2" --max_steps "$STEPS" \
         --warmup_steps $(( STEPS / 10 )) --per_device_train_batch_size 8 --max_seq_length 64 --logging_steps 10 \

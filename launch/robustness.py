@@ -119,6 +119,9 @@ def evaluate_runs(root: Path, examples: int, surface: int, eval_samples: int | N
         out = out_dir / f"{run_dir.name}.json"
         if out.is_file():
             continue
+        if not (run_dir / "model.safetensors").is_file():  # still training (or failed): evaluated on a re-run
+            print(f"{run_dir.name}: not finished, skipped", flush=True)
+            continue
         start = time.perf_counter()
         model, tokenizer, args, texts, labels, tokenized = load_run(run_dir)
         device = get_accelerator().current_device_name()
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     every.add_argument("--surface", type=int, default=11, help="loss-surface grid points per axis (0: none)")
     every.add_argument("--eval_samples", type=int, default=256, help="validation examples for the flatness")
     every.add_argument("--rho", type=float, default=0.1, help="relative size of the sharpness perturbation")
-    every.add_argument("--sharpness_samples", type=int, default=20, help="random directions averaged for sharpness")
+    every.add_argument("--sharpness_samples", type=int, default=10, help="random directions averaged for sharpness")
     every.add_argument("--span", type=float, default=0.5, help="loss surfaces cover [-span, span] on each axis")
     every.add_argument("--seed", type=int, default=0, help="seed of the edits and the random directions")
     rep = sub.add_parser("report", help="the table and plots from DIR/robustness", allow_abbrev=False)
