@@ -107,11 +107,18 @@ def batches_of(tokenized, tokenizer, samples: int | None, batch_size: int = 64) 
 
 
 def evaluate_runs(root: Path, examples: int, surface: int, eval_samples: int | None, seed: int, rho: float,
-                  samples: int, span: float) -> None:  # fmt: skip
+                  samples: int, span: float, only: list[str] | None = None) -> None:  # fmt: skip
     runs = sorted(p for p in (root / "train").iterdir() if p.is_dir())
     if not runs:
         fail(f"no runs in {root / 'train'}; train them first (launch/reproduce.sh)")
-    first_seed = min(json.loads((r / "run_config.json").read_text())["args"]["seed"] for r in runs)
+    # surfaces for the first seed of each method, whichever runs this process is given
+    first_seed = min(json.loads((r / "run_config.json").read_text())["args"]["seed"] for r in runs
+                     if (r / "run_config.json").is_file())  # fmt: skip
+    if only:
+        unknown = sorted(set(only) - {r.name for r in runs})
+        if unknown:
+            fail(f"--runs {unknown[0]}: no such run in {root / 'train'}")
+        runs = [r for r in runs if r.name in only]
     out_dir = root / "robustness"
     out_dir.mkdir(exist_ok=True)
     wordnet = attacks.Synonyms(attacks.load_wordnet())
@@ -280,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     every.add_argument("--sharpness_samples", type=int, default=10, help="random directions averaged for sharpness")
     every.add_argument("--span", type=float, default=0.5, help="loss surfaces cover [-span, span] on each axis")
     every.add_argument("--seed", type=int, default=0, help="seed of the edits and the random directions")
+    every.add_argument("--runs", nargs="+", default=None, help="only these run folders (e.g. to share the work "
+                       "between processes); default: all")  # fmt: skip
     rep = sub.add_parser("report", help="the table and plots from DIR/robustness", allow_abbrev=False)
     rep.add_argument("root", type=Path, help="the experiment folder")
     cli = parser.parse_args(argv)
@@ -295,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
             cli.output.write_text(json.dumps(result, indent=1))
     elif cli.command == "evaluate":
         evaluate_runs(cli.root, cli.examples, cli.surface, cli.eval_samples, cli.seed, cli.rho, cli.sharpness_samples,
-                      cli.span)  # fmt: skip
+                      cli.span, cli.runs)  # fmt: skip
     else:
         report(cli.root)
 
