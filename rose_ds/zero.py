@@ -517,6 +517,7 @@ class ZeroBinding:
         """Element granularity over flat partitions: this rank scores its own segments; the band of all
         ranks' scores comes from ``radix`` (a few all-reduces of 256-bin histograms), never gathered."""
         opt, cfg, n = self.opt, self.opt.rose, len(self.opt.eligible_names)
+        active = masking_active(cfg, t)
         local = []  # (group, flat, grad, state, start, numel, idx) of every eligible segment held here
         for group, fs, grads in stash:
             for flat, grad in zip(fs, grads):
@@ -524,7 +525,6 @@ class ZeroBinding:
                 state["step"].fill_(t)
                 if grad is None:
                     continue
-                active = masking_active(cfg, t)
                 # non-eligible segments (and all of them when nothing is masked): plain AdamW, merged runs
                 runs = _runs([(a, b, -1) for a, b, i in self._segments[id(flat)] if i < 0 or not active], [])
                 if runs:
@@ -532,9 +532,9 @@ class ZeroBinding:
                     tensors = [[x.narrow(0, a, b) for a, b in views] for x in (flat, grad, state["exp_avg"],
                                                                                state["exp_avg_sq"])]  # fmt: skip
                     opt._apply(group, *tensors, [1.0] * len(views), t)
-                if masking_active(cfg, t):
+                if active:
                     local += [(group, flat, grad, state, a, b, i) for a, b, i in self._segments[id(flat)] if i >= 0]
-        if not masking_active(cfg, t):
+        if not active:
             opt.last_mask = dict.fromkeys(opt.eligible_names, 1.0)
             return
         # one score tensor per eligible tensor (this rank's fragment, possibly empty), in index order, so
@@ -552,10 +552,8 @@ class ZeroBinding:
                 )
             robust = [self._robust_fragments.get(i, empty) if by_index[i] else empty for i in range(n)]
         if needs_second_order(cfg, t):
-            grads = [torch.cat([e[2].narrow(0, e[4], e[5]) for e in by_index[i]]) if by_index[i] else empty
-                     for i in range(n)]  # fmt: skip
-            momenta = [torch.cat([e[3]["exp_avg"].narrow(0, e[4], e[5]) for e in by_index[i]]) if by_index[i]
-                       else empty for i in range(n)]  # fmt: skip
+            grads = [_joined([e[2].narrow(0, e[4], e[5]) for e in by_index[i]], empty) for i in range(n)]
+            momenta = [_joined([e[3]["exp_avg"].narrow(0, e[4], e[5]) for e in by_index[i]], empty) for i in range(n)]
         masks = element_coefficients(cfg, t, robust, grads, momenta, self._all_reduce)
         counts = torch.zeros(2, n, dtype=torch.float64)
         for i in range(n):
@@ -615,6 +613,14 @@ class ZeroBinding:
             zo.parallel_partitioned_bit16_groups[i][rank].data.copy_(flat.data)
         else:
             zo._reassign_or_swap_out_partitioned_parameters(i)
+
+
+def _joined(views: list[Tensor], empty: Tensor) -> Tensor:
+    """One tensor's local pieces as one vector: the view itself when there is one piece (the usual case),
+    so scoring reads the shard in place instead of copying gradient and momentum every step."""
+    if len(views) == 1:
+        return views[0]
+    return torch.cat(views) if views else empty
 
 
 def _require(obj: Any, *names: str) -> None:
