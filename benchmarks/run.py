@@ -103,6 +103,12 @@ def table(results: dict) -> tuple[list[dict], str]:
             ratio = m[variant] / m[over]
             rows.append({"section": f"step time {stage}", "line": f"{variant} / {over}", "value": m[variant],
                          "ratio": ratio, "target": _verdict(ratio, *op_bound) if op_bound else ""})  # fmt: skip
+        for name in ("rdrop", "r3f", "childtuning-f"):  # each method alone and with ROSE-Ensemble on top
+            if name not in m:
+                continue
+            for variant, over in ((name, "vanilla"), (f"{name}+ensemble", "vanilla"), (f"{name}+ensemble", name)):
+                rows.append({"section": f"methods {stage}", "line": f"{variant} / {over}", "value": m[variant],
+                             "ratio": m[variant] / m[over], "target": ""})  # fmt: skip
     # selection bytes: one value per number of eligible tensors, whatever the size and world size
     seen: dict[int, set] = {}
     for run in results["traffic"]:

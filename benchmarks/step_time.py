@@ -43,8 +43,9 @@ from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 from worker import ByteCounter  # noqa: E402  (tests/dist/worker.py: counts bytes per collective)
 
 import rose_ds  # noqa: E402
-from rose_ds import RoseConfig  # noqa: E402
+from rose_ds import RoseConfig, methods  # noqa: E402
 from rose_ds.losses import task_loss  # noqa: E402
+from rose_ds.methods import MethodConfig  # noqa: E402
 
 if get_accelerator().device_name() == "cpu":
     # only inference uses DeepSpeed's shared-memory all-reduce op; skip its JIT build (minutes)
@@ -52,6 +53,8 @@ if get_accelerator().device_name() == "cpu":
 
 LR, BETAS, EPS, WD = 2e-5, (0.9, 0.98), 1e-6, 0.01
 VARIANTS = ("vanilla", "second", "first", "ensemble", "two-pass")
+# a method alone (RoseAdamW with mode none) and with ROSE-Ensemble on top, at --method_stages
+METHOD_VARIANTS = tuple(f"{m}{r}" for m in ("rdrop", "r3f", "childtuning-f") for r in ("", "+ensemble"))
 
 
 def make_model(hidden: int, layers: int, seed: int = 0) -> torch.nn.Module:
@@ -105,13 +108,19 @@ def build(variant: str, stage: int, args) -> tuple:
             engine.step()
 
         return engine, step
-    mode = {"two-pass": "first", "second-element": "second"}.get(variant, variant)
+    method = MethodConfig()
+    if variant in METHOD_VARIANTS:
+        name, _, mode = variant.partition("+")
+        method, mode = MethodConfig(name=name), mode or "none"
+    else:
+        mode = {"two-pass": "first", "second-element": "second"}.get(variant, variant)
     rose = RoseConfig(mode=mode, upper=70, granularity="element" if variant.endswith("element") else "tensor")
     engine, *_ = rose_ds.initialize(model, cfg, rose=rose, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
-                                    fused=args.fused)  # fmt: skip
+                                    fused=args.fused, method=method)  # fmt: skip
     if variant == "two-pass":
         _switch_selection_off(engine)
-    return engine, lambda inputs, labels: rose_ds.train_step(engine, inputs, labels)
+    loss = methods.loss_fn(method)
+    return engine, lambda inputs, labels: rose_ds.train_step(engine, inputs, labels, loss_fn=loss)
 
 
 def _switch_selection_off(engine) -> None:
@@ -138,11 +147,12 @@ def run_time(args) -> dict:
     device = get_accelerator().current_device_name()
     results = {}
     for stage in args.stages:
-        built = {v: build(v, stage, args) for v in VARIANTS}
-        times = {v: [] for v in VARIANTS}
+        variants = VARIANTS + (METHOD_VARIANTS if stage in args.method_stages else ())
+        built = {v: build(v, stage, args) for v in variants}
+        times = {v: [] for v in variants}
         for round_ in range(args.warmup + args.rounds):
             inputs, labels = batch(round_, args.batch, args.seq, device)
-            order = VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]  # no variant always first
+            order = variants if round_ % 2 == 0 else variants[::-1]  # no variant always first
             for v in order:
                 t = timed(built[v][1], inputs, labels)
                 if round_ >= args.warmup:
@@ -230,6 +240,8 @@ def main() -> None:
     parser.add_argument("what", choices=["time", "memory", "traffic"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 2, 3])
+    parser.add_argument("--method_stages", type=int, nargs="*", default=[2],
+                        help="stages whose time run also steps R-Drop, R3F, ChildTuning-F, alone and with ROSE")
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--variant", choices=VARIANTS, default="first")
     parser.add_argument("--hidden", type=int, default=256)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -45,8 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rose_ds  # noqa: E402
 from rose_ds import checkpoint as ckpt  # noqa: E402
 from rose_ds import data as rose_data  # noqa: E402
+from rose_ds import methods as rose_methods  # noqa: E402
 from rose_ds import zero as rose_zero  # noqa: E402
 from rose_ds.dsconfig import ConfigConflictError, fill_auto, validate  # noqa: E402
+from rose_ds.methods import MethodConfig, MethodConfigError  # noqa: E402
 from rose_ds.presets import preset  # noqa: E402
 
 
@@ -156,6 +159,16 @@ class Args:
     rose_scope: str = field(
         default="global", metadata={"help": "element granularity: global (one band) or tensor (a band per tensor)"}
     )
+    method: str = field(
+        default="none", metadata={"help": "composed with ROSE: none, rdrop, r3f, childtuning-f (docs/algorithm.md)"}
+    )
+    rdrop_alpha: float = field(default=1.0, metadata={"help": "R-Drop: weight of the two passes' symmetric KL"})
+    r3f_lambda: float = field(default=1.0, metadata={"help": "R3F: weight of the clean/noisy symmetric KL"})
+    r3f_eps: float = field(default=1e-5, metadata={"help": "R3F: scale of the input-embedding noise"})
+    r3f_noise: str = field(default="uniform", metadata={"help": "R3F: uniform (U(-eps, eps)) or normal (N(0, eps^2))"})
+    childtuning_p: float = field(
+        default=0.3, metadata={"help": "ChildTuning-F: kept fraction of gradient elements per step (rescaled by 1/p)"}
+    )
     rose_preset: str | None = field(
         default=None,
         metadata={
@@ -202,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Every check that needs no data or weights comes first: bad input costs seconds, not a model load,
     # and leaves --output_dir as it was (nothing is written before the loop starts).
     args = parse_args(argv)
-    rose = check_arguments(args)
+    rose, method = check_arguments(args)
     raw_ds_config = read_deepspeed_config(args.deepspeed)
     embedded = args.model_name_or_path is None and args.train_file is None and args.task_name == "rotten_tomatoes"
     if embedded and args.max_steps <= 0:
@@ -234,6 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.device("meta"):  # parameter names without weights: the rule is judged before the load
             skeleton = AutoModelForSequenceClassification.from_config(model_config)
         rose_ds.selection.eligible_names([n for n, _ in skeleton.named_parameters()], rose)
+        if method.name == "r3f" and "inputs_embeds" not in inspect.signature(skeleton.forward).parameters:
+            fail(f"--method r3f perturbs input embeddings, but {type(skeleton).__name__} takes no inputs_embeds; "
+                 "use another --method or model")  # fmt: skip
     except rose_ds.NoEligibleTensorError as err:
         fail(str(err))
     except (ValueError, KeyError) as err:  # no sequence-classification class for this architecture
@@ -306,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         engine, _, _, scheduler = rose_ds.initialize(
             model, ds_config, rose=rose, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_epsilon, weight_decay=args.weight_decay,
+            eps=args.adam_epsilon, weight_decay=args.weight_decay, method=method,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule),
         )  # fmt: skip
     except (rose_ds.UnsupportedConfigError, rose_ds.NoEligibleTensorError) as err:
@@ -349,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name in (ckpt.LATEST, "metrics.jsonl"):
             (out / name).unlink(missing_ok=True)
     ckpt_record = {"model": signature, "world_size": world, "zero_stage": engine.zero_optimization_stage(),
-                   "rose": rose.to_dict(), "seed": args.seed}  # fmt: skip
+                   "rose": rose.to_dict(), "method": method.to_dict(), "seed": args.seed}  # fmt: skip
 
     def save() -> None:
         state["last_saved"] = ckpt.save(engine, out, state, ckpt_record, args.save_total_limit).name
@@ -357,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         resolved = {"args": dataclasses.asdict(args), "deepspeed": ds_config, "rose": rose.to_dict(),
+                    "method": method.to_dict(),
                     "world_size": world, "launcher": launcher, "ranks": placement,
                     "model_path": model_path}  # fmt: skip
         (out / "run_config.json").write_text(json.dumps(resolved, indent=2))
@@ -364,6 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---------------------------------------------------------------- train
     engine.train()
+    method_loss = rose_methods.loss_fn(method)  # ROSE's losses, plus the --method term
     interactive = is_main and sys.stdout.isatty()
     bar = tqdm(total=total_steps, initial=engine.global_steps, disable=not interactive, desc="train")
     started, examples, finite = time.time(), 0, True
@@ -376,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
             before = engine.global_steps
-            losses = rose_ds.train_step(engine, batch, labels)
+            losses = rose_ds.train_step(engine, batch, labels, loss_fn=method_loss)
             state["batches_done"] = i + 1
             examples += labels.shape[0] * world
             loss = float(losses.task.detach())
@@ -464,8 +482,8 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def check_arguments(args: Args) -> rose_ds.RoseConfig:
-    """The arguments that can be judged alone; returns the ROSE config they make."""
+def check_arguments(args: Args) -> tuple[rose_ds.RoseConfig, MethodConfig]:
+    """The arguments that can be judged alone; returns the ROSE and method configs they make."""
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                  "max_seq_length", "logging_steps"):  # fmt: skip
         if getattr(args, name) < 1:
@@ -488,7 +506,7 @@ def check_arguments(args: Args) -> rose_ds.RoseConfig:
     if args.max_nonfinite_steps < 1:
         fail(f"--max_nonfinite_steps {args.max_nonfinite_steps}: must be at least 1")
     try:
-        return rose_ds.RoseConfig(
+        rose = rose_ds.RoseConfig(
             mode=args.rose_mode, upper=args.rose_upper, lower=args.rose_lower, gamma=args.rose_gamma,
             second_order_coef=args.rose_second_order_coef, warmup_steps=args.rose_warmup_steps,
             eligibility=args.rose_eligibility, eligibility_regex=args.rose_eligibility_regex,
@@ -496,6 +514,13 @@ def check_arguments(args: Args) -> rose_ds.RoseConfig:
         )  # fmt: skip
     except rose_ds.RoseConfigError as err:
         fail(str(err).replace("RoseConfig.", "--rose_"))
+    try:
+        method = MethodConfig(name=args.method, rdrop_alpha=args.rdrop_alpha, r3f_lambda=args.r3f_lambda,
+                              r3f_eps=args.r3f_eps, r3f_noise=args.r3f_noise, childtuning_p=args.childtuning_p,
+                              seed=args.seed)  # fmt: skip
+    except MethodConfigError as err:
+        fail(str(err).replace("MethodConfig.name", "--method").replace("MethodConfig.", "--"))
+    return rose, method
 
 
 def read_deepspeed_config(path: str) -> dict:
@@ -551,12 +576,7 @@ def load_data(args: Args, tokenizer):
         else:
             raw = rose_data.load_glue(args.task_name)
     adv = None if task_for_adv is None else rose_data.load_advglue(task_for_adv, adv_file)
-    train = raw["train"].shuffle(seed=args.seed)
-    if args.max_train_samples:
-        train = train.select(range(min(args.max_train_samples, len(train))))
-    validation = raw["validation"]
-    if args.max_eval_samples:
-        validation = validation.select(range(min(args.max_eval_samples, len(validation))))
+    train, validation = rose_data.training_splits(raw, args.seed, args.max_train_samples, args.max_eval_samples)
     for split, dataset in (("training", train), ("validation", validation)):
         if len(dataset) == 0:
             fail(f"the {split} split is empty (after --max_{'train' if split == 'training' else 'eval'}_samples); "
@@ -566,13 +586,8 @@ def load_data(args: Args, tokenizer):
             fail(f"the {split} split has label(s) {sorted(bad)[:5]} out of range for the {num_labels}-class head "
                  "(classes are 0..K-1; -1 marks unlabeled test rows): drop those rows")  # fmt: skip
 
-    def encode(batch):
-        return tokenizer(*[batch[c] for c in columns], truncation=True, max_length=args.max_seq_length)
-
     def prepare(dataset):
-        dataset = dataset.map(encode, batched=True)
-        keep = ("input_ids", "attention_mask", "token_type_ids", "label")
-        return dataset.remove_columns([c for c in dataset.column_names if c not in keep])
+        return rose_data.encode(dataset, tokenizer, columns, args.max_seq_length)
 
     return prepare(train), prepare(validation), None if adv is None else prepare(adv), num_labels, task_for_adv
 
@@ -584,7 +599,10 @@ def evaluate(engine, dataset, collate, batch_size: int, device: str) -> tuple[li
     forward passes are collective, so ranks must run the same number of them."""
     engine.eval()
     preds, labels = [], []
-    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+    # its own generator: iterating a loader draws a seed from the global RNG, which dropout uses, so an
+    # evaluation would otherwise change the training that follows it
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
+                                             generator=torch.Generator()):  # fmt: skip
         batch = {k: v.to(device) for k, v in batch.items()}
         labels += batch.pop("labels").tolist()
         preds += engine(**batch).logits.argmax(-1).tolist()

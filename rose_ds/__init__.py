@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 # The DeepSpeed glue imports deepspeed (seconds); plain-PyTorch users do not pay for it.
 _ZERO_API = (
     "initialize",
+    "prepare_config",
+    "bind",
     "train_step",
     "backward",
     "make_recompute",

@@ -167,3 +167,24 @@ def load_glue(task: str):
     data = datasets.load_dataset("nyu-mll/glue", TASKS[task].glue)
     validation = "validation_matched" if task == "mnli" else "validation"
     return datasets.DatasetDict(train=data["train"], validation=data[validation])
+
+
+def encode(dataset, tokenizer, text_columns: tuple[str, ...], max_length: int):
+    """Tokenized with truncation to ``max_length``; only the model inputs and ``label`` are kept (the
+    collator pads per batch)."""
+    dataset = dataset.map(lambda batch: tokenizer(*[batch[c] for c in text_columns], truncation=True,
+                                                  max_length=max_length), batched=True)  # fmt: skip
+    keep = ("input_ids", "attention_mask", "token_type_ids", "label")
+    return dataset.remove_columns([c for c in dataset.column_names if c not in keep])
+
+
+def training_splits(raw, seed: int, max_train_samples: int | None, max_eval_samples: int | None):
+    """(train, validation): the training split shuffled with ``seed``, then both cut to their first N
+    examples when a limit is given (the order every program here trains in)."""
+    train = raw["train"].shuffle(seed=seed)
+    if max_train_samples:
+        train = train.select(range(min(max_train_samples, len(train))))
+    validation = raw["validation"]
+    if max_eval_samples:
+        validation = validation.select(range(min(max_eval_samples, len(validation))))
+    return train, validation

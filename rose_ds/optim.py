@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from rose_ds.config import RoseConfig
+from rose_ds.methods import MethodConfig, childtuning_f_, tensor_key
 from rose_ds.selection import (
     element_coefficients,
     eligible_names,
@@ -219,6 +220,8 @@ class RoseAdamW(torch.optim.Optimizer):
         rose: The ROSE configuration; ``RoseConfig()`` when omitted.
         foreach: Use torch's multi-tensor kernels (default True).
         fused: Use torch's fused Adam kernel for the update (see :func:`masked_adamw_`); fastest.
+        method: A method composed with ROSE; the optimizer acts only for ChildTuning-F (it masks the
+            gradient before scoring and stepping). ``MethodConfig()`` (none) when omitted.
 
     Attributes:
         last_mask: ``{parameter name: c}`` of the eligible tensors at the last step.
@@ -239,6 +242,7 @@ class RoseAdamW(torch.optim.Optimizer):
         rose: RoseConfig | None = None,
         foreach: bool = True,
         fused: bool = False,
+        method: MethodConfig | None = None,
     ) -> None:
         if not 0.0 <= lr:
             raise ValueError(f"RoseAdamW lr={lr!r} is invalid: expected a number >= 0")
@@ -252,6 +256,7 @@ class RoseAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.rose = rose if rose is not None else RoseConfig()
+        self.method = method if method is not None else MethodConfig()
         self.foreach = foreach
         self.fused = fused
         names: list[str] = []
@@ -262,6 +267,10 @@ class RoseAdamW(torch.optim.Optimizer):
                     "or param groups with (name, tensor) pairs or a 'param_names' list"
                 )
             names.extend(group["param_names"])
+        # every tensor's name: ChildTuning-F hashes it (ZeRO's fp32 master copies are added at binding)
+        self._names: dict[Tensor, str] = {
+            p: n for group in self.param_groups for p, n in zip(group["params"], group["param_names"])
+        }
         chosen = set(eligible_names(names, self.rose))
         # Position of every eligible tensor in the score vector, by parameter.
         self._eligible: dict[Tensor, int] = {}
@@ -348,6 +357,12 @@ class RoseAdamW(torch.optim.Optimizer):
             return loss
 
         t = self._global_step() + 1
+        if self.method.masks_gradients:  # ChildTuning-F, before ROSE scores the gradient
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        key = tensor_key(self._names[p], self.method.seed, t)
+                        childtuning_f_(p.grad.view(-1), key, 0, self.method.childtuning_p)
 
         if self.rose.granularity == "element":
             self._element_step(t)

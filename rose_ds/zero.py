@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from rose_ds.config import RoseConfig
 from rose_ds.losses import RoseLosses, rose_losses
+from rose_ds.methods import MethodConfig, childtuning_f_, tensor_key
 from rose_ds.optim import RoseAdamW, masked_adamw_elements_, sum_of_squares
 from rose_ds.selection import (
     element_coefficients,
@@ -80,6 +81,7 @@ def initialize(
     weight_decay: float = 0.01,
     param_groups: Iterable[dict[str, Any]] | None = None,
     fused: bool = False,
+    method: MethodConfig | None = None,
     **deepspeed_kwargs: Any,
 ):
     """``deepspeed.initialize`` with RoseAdamW installed as the client optimizer.
@@ -96,6 +98,8 @@ def initialize(
         lr, betas, eps, weight_decay: RoseAdamW hyper-parameters.
         param_groups: Optional named param groups (``(name, tensor)`` pairs) instead of the default two.
         fused: Use torch's fused Adam kernel for the masked update (``RoseAdamW(fused=True)``).
+        method: A method composed with ROSE (``RoseAdamW(method=...)``; pass its losses to
+            :func:`train_step` with ``loss_fn=rose_ds.methods.loss_fn(method)``).
         **deepspeed_kwargs: Passed to ``deepspeed.initialize`` (``lr_scheduler``, ``training_data``, ...).
 
     Returns:
@@ -105,6 +109,30 @@ def initialize(
         UnsupportedConfigError: for a configuration ROSE cannot run exactly (one line with the fix).
     """
     ds_config = _load_config(config)
+    prepare_config(ds_config)
+    groups = list(param_groups) if param_groups is not None else decay_param_groups(model, weight_decay)
+    optimizer = RoseAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rose=rose, fused=fused,
+                          method=method)  # fmt: skip
+    # FP16_UnfusedOptimizer (stage 0, bf16/fp16) calls step() once inside initialize with zero
+    # gradients; until bound, step() only creates the state.
+    optimizer._await_binding = True
+    engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config, **deepspeed_kwargs
+    )
+    ZeroBinding(engine, optimizer)
+    return engine, ds_optimizer, loader, scheduler
+
+
+def prepare_config(ds_config: dict[str, Any]) -> None:
+    """Makes a DeepSpeed config dict take RoseAdamW as its client optimizer, in place.
+
+    Refuses an ``optimizer`` section and the settings :func:`check_config` refuses; sets
+    ``zero_allow_untested_optimizer`` and, under optimizer offload, ``zero_force_ds_cpu_optimizer:
+    false`` (DeepSpeed would otherwise insist on its own CPU Adam).
+
+    Raises:
+        UnsupportedConfigError: one line naming the setting and the fix.
+    """
     if "optimizer" in ds_config:
         raise UnsupportedConfigError(
             "the DeepSpeed config defines an 'optimizer'; remove it: rose_ds installs RoseAdamW as the optimizer"
@@ -114,16 +142,21 @@ def initialize(
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}) or {}
     if offload.get("device", "none") not in (None, "none"):
         ds_config["zero_force_ds_cpu_optimizer"] = False
-    groups = list(param_groups) if param_groups is not None else decay_param_groups(model, weight_decay)
-    optimizer = RoseAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rose=rose, fused=fused)
-    # FP16_UnfusedOptimizer (stage 0, bf16/fp16) calls step() once inside initialize with zero
-    # gradients; until bound, step() only creates the state.
-    optimizer._await_binding = True
-    engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config, **deepspeed_kwargs
-    )
-    ZeroBinding(engine, optimizer)
-    return engine, ds_optimizer, loader, scheduler
+
+
+def bind(engine) -> RoseAdamW:
+    """Binds the RoseAdamW inside an engine that something else built (the Hugging Face Trainer,
+    through accelerate) to the engine's ZeRO partitions; returns it. Does nothing the second time.
+
+    Build the optimizer with ``_await_binding = True`` (see :func:`initialize`) and its config with
+    :func:`prepare_config`.
+    """
+    opt = getattr(engine, "basic_optimizer", None)
+    if not isinstance(opt, RoseAdamW):
+        raise TypeError(f"the engine's optimizer is {type(opt).__name__}, not RoseAdamW")
+    if getattr(opt, "_binding", None) is None:
+        ZeroBinding(engine, opt)
+    return opt
 
 
 def rose_optimizer(engine) -> RoseAdamW:
@@ -136,9 +169,16 @@ def rose_optimizer(engine) -> RoseAdamW:
     return opt
 
 
-def backward(engine, losses: RoseLosses, recompute: Callable[[], RoseLosses] | None = None) -> RoseLosses:
+def backward(
+    engine,
+    losses: RoseLosses,
+    recompute: Callable[[], RoseLosses] | None = None,
+    task_backward: Callable[[Tensor], Any] | None = None,
+) -> RoseLosses:
     """The robust backward and its capture (when the coming step is masked by a first-order mode),
     then ``engine.backward(losses.task)``. Call once per micro-batch, then ``engine.step()``.
+    ``task_backward`` replaces ``engine.backward`` for the task loss (the Trainer passes
+    ``accelerator.backward``, which also steps the engine at the accumulation boundary).
 
     At ZeRO-3 the second backward cannot run through the first one's graph (its partitioned
     parameters are released after the robust backward), so the forward passes are run again with
@@ -147,12 +187,13 @@ def backward(engine, losses: RoseLosses, recompute: Callable[[], RoseLosses] | N
     loss was back-propagated.
     """
     binding = rose_optimizer(engine)._binding
+    task_backward = task_backward or engine.backward
     if losses.robust is None or not binding.wants_robust():
-        engine.backward(losses.task)
+        task_backward(losses.task)
         return losses
     if binding.stage != 3:
         binding.robust_backward(losses.robust)
-        engine.backward(losses.task)
+        task_backward(losses.task)
         return losses
     if recompute is None:
         raise RuntimeError(
@@ -161,7 +202,7 @@ def backward(engine, losses: RoseLosses, recompute: Callable[[], RoseLosses] | N
         )
     binding.robust_backward(losses.robust)
     losses = recompute()
-    engine.backward(losses.task)
+    task_backward(losses.task)
     return losses
 
 
@@ -250,6 +291,7 @@ class ZeroBinding:
         self.stage = engine.zero_optimization_stage()
         self.loss_scaled = bool(engine.fp16_enabled())
         names = {p: n for n, p in engine.module.named_parameters()}
+        self._names = names
         index = {n: i for i, n in enumerate(opt.eligible_names)}
         self._index_of = {p: index[n] for p, n in names.items() if n in index}
         self._model_params = [p for p in engine.module.parameters() if p.requires_grad]
@@ -286,6 +328,7 @@ class ZeroBinding:
             for lp, hp in zip(lp_group, hp_group, strict=True):
                 if lp in self._index_of:
                     eligible[hp] = self._index_of[lp]
+                self.opt._names[hp] = self._names[lp]
         self.opt._eligible = eligible
 
     def _bind_stage12(self) -> None:
@@ -306,19 +349,22 @@ class ZeroBinding:
         self.group = zo.dp_process_group
         self._flats: list[Tensor] = list(zo.single_partition_of_fp32_groups)
         self._segments: dict[int, list[tuple[int, int, int]]] = {}
+        # (start in the partition, numel, parameter name, start in the parameter): ChildTuning-F's hash
+        self._named_segments: dict[int, list[tuple[int, int, str, int]]] = {}
         for i, lps in enumerate(zo.bit16_groups):
             if _ranks(zo.real_dp_process_group[i]) != _ranks(zo.dp_process_group):
                 raise UnsupportedConfigError("expert-parallel (MoE) param groups are not supported by rose_ds")
-            segments = []
+            segments, named = [], []
             for lp in lps:
                 _require(lp, "_hp_mapping")
                 frag = lp._hp_mapping  # tensor_fragment: where lp's elements sit in this rank's partition
                 if frag is None:
                     continue
-                segments.append(
-                    (frag.hp_fragment_address.start, frag.hp_fragment_address.numel, self._index_of.get(lp, -1))
-                )
+                start, numel = frag.hp_fragment_address.start, frag.hp_fragment_address.numel
+                segments.append((start, numel, self._index_of.get(lp, -1)))
+                named.append((start, numel, self._names[lp], frag.lp_fragment_address.start))
             self._segments[id(self._flats[i])] = sorted(segments)
+            self._named_segments[id(self._flats[i])] = named
 
     def _bind_stage3(self) -> None:
         zo = self.zo
@@ -332,6 +378,7 @@ class ZeroBinding:
         rank = dist.get_rank(group=self.group)
         self._flats = list(zo.fp32_partitioned_groups_flat)
         self._segments = {}
+        self._named_segments = {}
         self._buffer_segments: list[tuple[int, int, int]] = []  # in grad_partitions_flat_buffer
         base = 0
         for sg, params in enumerate(zo.fp16_groups):
@@ -339,14 +386,16 @@ class ZeroBinding:
                 raise UnsupportedConfigError(
                     "ZeRO-3 partition groups other than the data-parallel group are not supported"
                 )
-            segments, offset = [], 0
+            segments, named, offset = [], [], 0
             for p in params:
                 per_rank = p.ds_tensor.ds_numel  # each rank holds ceil(numel / world) elements, tail-padded
                 valid = max(0, min(per_rank, p.ds_numel - rank * per_rank))
                 segments.append((offset, valid, self._index_of.get(p, -1)))
+                named.append((offset, valid, self._names[p], rank * per_rank))
                 self._buffer_segments.append((base + offset, valid, self._index_of.get(p, -1)))
                 offset += per_rank
             self._segments[id(self._flats[sg])] = segments
+            self._named_segments[id(self._flats[sg])] = named
             base += offset
 
     # ------------------------------------------------------------------ robust gradient
@@ -477,6 +526,13 @@ class ZeroBinding:
         stash, self._stash = self._stash, []
         flats = [f for _, fs, _ in stash for f in fs]
         t = int(max(float(opt.state[f]["step"]) for f in flats)) + 1
+        if opt.method.masks_gradients:  # ChildTuning-F: each rank masks its own elements, as one process would
+            for _, fs, grads in stash:
+                for flat, grad in zip(fs, grads):
+                    for start, numel, name, offset in self._named_segments[id(flat)] if grad is not None else []:
+                        if numel > 0:
+                            childtuning_f_(grad.narrow(0, start, numel), tensor_key(name, opt.method.seed, t), offset,
+                                           opt.method.childtuning_p)  # fmt: skip
         if opt.rose.granularity == "element":
             self._element_client_step(t, stash)
             for flat in flats[:-1]:

@@ -28,6 +28,22 @@ def reference_losses(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor) -
     return 0.5 * ce1 + 0.5 * ce2, l_rob
 
 
+def _symmetric_kl_sum(za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
+    pa, pb = torch.softmax(za, -1), torch.softmax(zb, -1)
+    la, lb = torch.log_softmax(za, -1), torch.log_softmax(zb, -1)
+    return (pa * (la - lb)).sum() + (pb * (lb - la)).sum()
+
+
+def reference_rdrop(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """R-Drop: (KL(P1||P2) + KL(P2||P1)) / 2, summed over the batch."""
+    return _symmetric_kl_sum(z1, z2) / 2
+
+
+def reference_r3f(z: torch.Tensor, z_noisy: torch.Tensor) -> torch.Tensor:
+    """R3F: KL(P||Pn) + KL(Pn||P), averaged over the batch."""
+    return _symmetric_kl_sum(z, z_noisy) / z.shape[0]
+
+
 class ReferenceRose:
     """ROSE's masked AdamW over named parameters in groups ``[(names, lr, weight_decay)]``."""
 

@@ -54,6 +54,9 @@ def _cases(f: dict[str, str], other_checkpoint: str) -> dict[str, tuple[list[str
         "rose-value": (["--rose_upper", "150"], "--rose_upper=150.0 is invalid", {}, "absent"),
         "rose-band": (["--rose_lower", "60", "--rose_upper", "40"], "--rose_lower=60.0 is invalid", {}, "absent"),
         "rose-mode": (["--rose_mode", "third"], "--rose_mode='third' is invalid", {}, "absent"),
+        "method-name": (["--method", "fgsm"], "--method='fgsm' is invalid", {}, "absent"),
+        "method-value": (["--method", "childtuning-f", "--childtuning_p", "0"], "--childtuning_p=0.0 is invalid",
+                         {}, "absent"),  # fmt: skip
         "rose-preset": (["--rose_preset", "sst2-huge-first"], "sst2-huge-first", {}, "absent"),
         "no-eligible-tensor": (["--rose_eligibility_regex", "no_such_param"], "selects no", {}, "absent"),
         "unknown-flag": (["--learning_rat", "1e-5"], "unrecognized arguments: --learning_rat", {}, "absent"),

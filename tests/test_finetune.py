@@ -2,6 +2,7 @@
 export and re-evaluation, resume, the "auto" contract and a local pair task."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -244,3 +245,15 @@ def test_decoder_model_gets_a_pad_token_and_the_gpt2_rule(tmp_path):
     proc = run([*args, "--rose_eligibility", "gpt2"])
     assert "finished 2 steps" in proc.stdout
     assert len(json.loads((out / "trainer_state.json").read_text())["eligible_tensors"]) == 12
+
+
+@pytest.mark.parametrize("method", ["rdrop", "r3f", "childtuning-f"])
+def test_methods_compose_with_rose_through_the_program(tmp_path, method):
+    out = tmp_path / method
+    run(["--deepspeed", "ds_configs/zero2.json", "--output_dir", str(out), "--max_steps", "2", "--method", method,
+         "--r3f_eps", "0.01", "--logging_steps", "1", "--max_train_samples", "32", "--max_eval_samples", "16",
+         "--per_device_train_batch_size", "8", "--adv_file", "none"])  # fmt: skip
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["method"]["name"] == method and config["method"]["seed"] == 42
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(math.isfinite(m["loss"]) and m["kept_fraction"] < 1 for m in metrics)

@@ -74,3 +74,11 @@ def test_every_robustness_flag_and_reproduce_variable_is_documented():
     variables = set(re.findall(r"\$\{(\w+):-", script)) - {"OMP_NUM_THREADS"}
     assert {"OUT", "SEEDS", "MODES", "STEPS", "LRS", "EXAMPLES", "SURFACE"} <= variables
     assert [v for v in sorted(variables) if f"`{v}`" not in section] == []
+
+
+def test_every_hf_trainer_example_flag_is_documented():
+    section = _section("ROSE in the Hugging Face Trainer")
+    source = (ROOT / "launch" / "hf_trainer.py").read_text()
+    fields = re.findall(r"^    (\w+): [^=]+= field\(", source, re.M)
+    assert len(fields) >= 10
+    assert [f for f in fields if f"`--{f}`" not in section] == []

@@ -18,7 +18,9 @@ import pytest
 import torch
 from models import random_batch, tiny_bert
 
-from rose_ds import RoseAdamW, RoseConfig, radix, rose_losses
+from rose_ds import RoseAdamW, RoseConfig, methods, radix, rose_losses
+from rose_ds.methods import MethodConfig
+from rose_ds.selection import needs_robust_gradient
 from rose_ds.zero import decay_param_groups
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
@@ -82,6 +84,17 @@ ROSE["element"] = {"mode": "ensemble", "upper": 70, "granularity": "element"}
 for w, s, m, h in TRAFFIC:
     EXTRA_CASES.setdefault(w, []).append(_case(f"traffic-w{w}-s{s}-{m}-h{h}", stage=s, rose=ROSE[m], hidden=h, steps=3))
 
+
+# Methods composed with ROSE (R-Drop, R3F, ChildTuning-F) with real dropout and noise: the dense run
+# replays each rank's random stream on that rank's rows (dense_run_per_rank).
+METHOD_CASES = [(m, s, "ensemble", 1) for m in ("rdrop", "r3f", "childtuning-f") for s in range(4)]
+METHOD_CASES += [(m, 2, mode, 1) for m in ("rdrop", "r3f", "childtuning-f") for mode in ("none", "first", "second")]
+METHOD_CASES += [("rdrop", 1, "ensemble", 2), ("r3f", 3, "ensemble", 2), ("childtuning-f", 2, "first", 2)]
+for _m, _s, _mode, _g in METHOD_CASES:
+    EXTRA_CASES[2].append(_case(f"method-{_m}-s{_s}-{_mode}-gas{_g}", stage=_s, gas=_g, loss="rose", dropout=0.1,
+                                rose={"mode": _mode, "upper": 70}, method={"name": _m, "r3f_eps": 0.05, "seed": 3}))
+EXTRA_CASES[2].append(_case("method-childtuning-f-s3-element", stage=3, loss="rose", dropout=0.1,
+                            rose=ROSE["element"], method={"name": "childtuning-f", "seed": 3}))
 
 # World-size change: 3 steps saved on 2 ranks (micro-batch 3) and on 3 ranks (micro-batch 2), same global
 # batch of 6; resumed for 2 more steps on 3 and on 2 ranks through DeepSpeed's universal checkpoint.
@@ -175,11 +188,43 @@ def dense_run(case, world):
     return masks, weights
 
 
+def dense_run_per_rank(case, world):
+    """The single-process run of a data-parallel step with real randomness: each rank's rows run with that
+    rank's random stream (dropout, R3F's noise), and the losses are averaged as the ranks' gradients are."""
+    model = tiny_bert(dropout=case.get("dropout", 0.0), seed=case.get("seed", 0), hidden=case.get("hidden", 32))
+    rose, method = RoseConfig(**case["rose"]), MethodConfig(**case.get("method", {}))
+    opt = RoseAdamW(decay_param_groups(model, WD), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, rose=rose,
+                    method=method)  # fmt: skip
+    two = needs_robust_gradient(rose)
+    loss_fn = methods.loss_fn(method)
+    streams = []
+    for r in range(world):
+        torch.manual_seed(1234 + r)  # the worker's dropout seed on rank r
+        streams.append(torch.get_rng_state())
+    masks, mb, gas = [], case["micro_bs"], case["gas"]
+    for step in range(case["steps"]):
+        inputs, labels = random_batch(step, batch_size=world * gas * mb)
+        for k in range(gas):
+            for r in range(world):
+                rows = slice((k * world + r) * mb, (k * world + r + 1) * mb)
+                torch.set_rng_state(streams[r])
+                losses = loss_fn(model, {key: v[rows] for key, v in inputs.items()}, labels[rows], two_passes=two)
+                streams[r] = torch.get_rng_state()
+                if two:
+                    opt.capture_robust_grads(losses.robust / (world * gas))
+                (losses.task / (world * gas)).backward()
+        opt.step()
+        opt.zero_grad()
+        masks.append(dict(opt.last_mask))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return masks, weights
+
+
 def assert_matches_dense(case, world, results, weight_rtol=1e-5):
     ranks, weights = results(world, case["name"])
     for r, record in enumerate(ranks):
         assert record["masks"] == ranks[0]["masks"], f"rank {r} selected differently from rank 0"
-    masks, dense = dense_run(case, world)
+    masks, dense = (dense_run_per_rank if "method" in case else dense_run)(case, world)
     for step, (got, want) in enumerate(zip(ranks[0]["masks"], masks, strict=True)):
         assert got == want, f"step {step + 1}: mask differs from the dense run"
     a = torch.cat([weights[n].reshape(-1) for n in dense])
@@ -213,6 +258,16 @@ def test_element_granularity_matches_dense(results, name):
     case = next(c for c in EXTRA_CASES[2] if c["name"] == name)
     masks = assert_matches_dense(case, 2, results)
     assert any(0 < v < 1 for m in masks[1:] for v in m.values())  # elements, not whole tensors, were frozen
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in EXTRA_CASES[2] if c["name"].startswith("method")])
+def test_methods_composed_with_rose_match_dense(results, name):
+    """R-Drop, R3F and ChildTuning-F with every ROSE mode, ZeRO 0-3, accumulation: same masks as the dense
+    run at every step, on every rank, and the same weights."""
+    case = next(c for c in EXTRA_CASES[2] if c["name"] == name)
+    masks = assert_matches_dense(case, 2, results)
+    if case["rose"]["mode"] != "none":
+        assert any(v < 1 for m in masks for v in m.values())
 
 
 def test_element_granularity_on_three_ranks_at_zero3(results):

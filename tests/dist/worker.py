@@ -27,6 +27,8 @@ from models import random_batch, tiny_bert  # noqa: E402
 import rose_ds  # noqa: E402
 from rose_ds import RoseConfig, RoseLosses  # noqa: E402
 from rose_ds import checkpoint as ckpt  # noqa: E402
+from rose_ds import methods  # noqa: E402
+from rose_ds.methods import MethodConfig  # noqa: E402
 
 # deepspeed.init_distributed JIT-compiles the 'deepspeed_shm_comm' C++ op on CPU (35 s to 4 min on a
 # fresh machine); only inference all-reduce uses it, never training, so the tests skip building it.
@@ -122,13 +124,17 @@ def run_case(case, out, counter):
     resume = Path(case["resume_from"]) if "resume_from" in case else None
     if resume is not None:  # a checkpoint of another world size: converted, then loaded by name
         tag = ckpt.prepare_load(resume, ckpt.read_record(resume), world, config)
-    engine, _, _, _ = rose_ds.initialize(model, config, rose=rose, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    method = MethodConfig(**case.get("method", {}))
+    engine, _, _, _ = rose_ds.initialize(model, config, rose=rose, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
+                                         method=method)  # fmt: skip
     opt = rose_ds.rose_optimizer(engine)
     first_step = 0
     if resume is not None:
         ckpt.load(engine, resume, tag)
         first_step = engine.global_steps
     loss_fn = stand_in_losses if case.get("loss", "stand_in") == "stand_in" else rose_ds.rose_losses
+    if method.name in ("rdrop", "r3f"):
+        loss_fn = methods.loss_fn(method)
     mb, gas = case["micro_bs"], case["gas"]
     record = {"masks": [], "losses": [], "bytes": [], "resumed_at": first_step,
               "resumed_optimizer_steps": sorted({int(s["step"]) for s in opt.state.values() if "step" in s})}  # fmt: skip
