@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -160,14 +161,19 @@ class Args:
         default="global", metadata={"help": "element granularity: global (one band) or tensor (a band per tensor)"}
     )
     method: str = field(
-        default="none", metadata={"help": "composed with ROSE: none, rdrop, r3f, childtuning-f (docs/algorithm.md)"}
+        default="none",
+        metadata={"help": "composed with ROSE: none, rdrop, r3f, childtuning-f, childtuning-d (docs/algorithm.md)"},
     )
     rdrop_alpha: float = field(default=1.0, metadata={"help": "R-Drop: weight of the two passes' symmetric KL"})
     r3f_lambda: float = field(default=1.0, metadata={"help": "R3F: weight of the clean/noisy symmetric KL"})
     r3f_eps: float = field(default=1e-5, metadata={"help": "R3F: scale of the input-embedding noise"})
     r3f_noise: str = field(default="uniform", metadata={"help": "R3F: uniform (U(-eps, eps)) or normal (N(0, eps^2))"})
     childtuning_p: float = field(
-        default=0.3, metadata={"help": "ChildTuning-F: kept fraction of gradient elements per step (rescaled by 1/p)"}
+        default=0.3,
+        metadata={"help": "ChildTuning: kept fraction of gradient elements (F: per step, rescaled by 1/p; D: fixed)"},
+    )
+    childtuning_fisher_batches: int = field(
+        default=0, metadata={"help": "ChildTuning-D: batches of the Fisher pass before training (0: the whole set)"}
     )
     rose_preset: str | None = field(
         default=None,
@@ -308,6 +314,11 @@ def main(argv: list[str] | None = None) -> dict:
     if resumed_record is not None:
         try:
             ckpt.check_resumable(resumed_record, signature, checkpoint)
+            if method.fixed_mask and resumed_record["world_size"] != world:
+                raise ckpt.CheckpointError(
+                    f"ChildTuning-D's mask is saved per rank and cannot move from {resumed_record['world_size']} to "
+                    f"{world} ranks; resume on {resumed_record['world_size']} ranks"
+                )
             load_tag = ckpt.prepare_load(checkpoint, resumed_record, world, ds_config)  # another world size
         except ckpt.CheckpointError as err:
             fail(f"--resume_from_checkpoint: {err}")
@@ -351,6 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
             per_window = args.per_device_train_batch_size * world * args.gradient_accumulation_steps
             state["batches_done"] = examples_done // per_window * args.gradient_accumulation_steps
         if is_main:
+            out.mkdir(parents=True, exist_ok=True)  # (a checkpoint of another run, resumed into a new folder)
             ckpt.remove_partial(out)
             # logs of steps after the checkpoint were written by the run that died: rewritten from it
             train_records = "".join(json.dumps(r) + "\n" for r in state["log_history"] if "loss" in r)
@@ -378,6 +390,16 @@ def main(argv: list[str] | None = None) -> dict:
                     "model_path": model_path}  # fmt: skip
         (out / "run_config.json").write_text(json.dumps(resolved, indent=2))
     writer = _tensorboard(args, out, engine.global_steps) if is_main else None
+
+    # ---------------------------------------------------------------- ChildTuning-D's Fisher pass
+    if method.fixed_mask and checkpoint is None:  # (a resumed run has the mask in its checkpoint)
+        sampler.set_epoch(0)
+        n = min(len(loader), args.childtuning_fisher_batches or len(loader))
+        fisher_batches = (({k: v.to(device) for k, v in b.items() if k != "labels"}, b["labels"].to(device))
+                          for b in itertools.islice(loader, n))  # fmt: skip
+        threshold = rose_ds.childtuning_d(engine, fisher_batches)
+        if is_main:
+            print(f"ChildTuning-D: Fisher information over {n} batches; kept where >= {threshold:.3e}")
 
     # ---------------------------------------------------------------- train
     engine.train()
@@ -517,7 +539,7 @@ def check_arguments(args: Args) -> tuple[rose_ds.RoseConfig, MethodConfig]:
     try:
         method = MethodConfig(name=args.method, rdrop_alpha=args.rdrop_alpha, r3f_lambda=args.r3f_lambda,
                               r3f_eps=args.r3f_eps, r3f_noise=args.r3f_noise, childtuning_p=args.childtuning_p,
-                              seed=args.seed)  # fmt: skip
+                              childtuning_fisher_batches=args.childtuning_fisher_batches, seed=args.seed)  # fmt: skip
     except MethodConfigError as err:
         fail(str(err).replace("MethodConfig.name", "--method").replace("MethodConfig.", "--"))
     return rose, method

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Re-runs the robustness table of docs/RESULTS.md from scratch, offline:
-#   1. train: vanilla (--rose_mode none), ROSE-First, ROSE-Second, ROSE-Ensemble, each with every seed,
-#      through launch/finetune.py on 2 DeepSpeed processes at ZeRO-2 (same data, steps and learning rate);
+#   1. train: vanilla (--rose_mode none), ROSE-First, ROSE-Second, ROSE-Ensemble, and each of METHODS
+#      (--method) alone and with ROSE-Ensemble, each with every seed, through launch/finetune.py on 2
+#      DeepSpeed processes at ZeRO-2 (same data, steps and learning rate);
 #   2. robustness: clean, AdvGLUE SST-2 and both attacks on each exported model, plus its sharpness
 #      (launch/robustness.py evaluate);
 #   3. report: the mean +- std table, the loss surfaces and the plots (launch/robustness.py report).
@@ -17,10 +18,11 @@ BIN=$(dirname "$PY")
 OUT=${OUT:-runs/robustness}
 if [[ "${REDUCED:-0}" == 1 ]]; then
     SEEDS=${SEEDS:-1} MODES=${MODES:-"none ensemble"} STEPS=${STEPS:-6} EXAMPLES=${EXAMPLES:-12} LRS=${LRS:-1e-4}
-    SURFACE=${SURFACE:-3} EVAL_SAMPLES=${EVAL_SAMPLES:-64}
+    SURFACE=${SURFACE:-3} EVAL_SAMPLES=${EVAL_SAMPLES:-64} METHODS=${METHODS-"rdrop"}
 else
     SEEDS=${SEEDS:-"1 2 3"} MODES=${MODES:-"none first second ensemble"} STEPS=${STEPS:-200}
     EXAMPLES=${EXAMPLES:-80} SURFACE=${SURFACE:-7} EVAL_SAMPLES=${EVAL_SAMPLES:-} LRS=${LRS:-"1e-4 3e-4"}
+    METHODS=${METHODS-"rdrop r3f childtuning-f childtuning-d"}
 fi
 # The published SST-2 (RoBERTa-base) `upper` of each variant; one learning rate for all methods, the one
 # of LRS whose vanilla run (first seed) has the best clean validation accuracy.
@@ -29,8 +31,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1
 mkdir -p "$OUT/train" "$OUT/select"
 start=$(date +%s)
 
-train() {  # train MODE SEED LR DIR
-    local run=$4 extra=()
+train() {  # train MODE SEED LR DIR [METHOD]
+    local run=$4 extra=(--method "${5:-none}")
     [[ -f "$run/model.safetensors" && -f "$run/eval_results.json" ]] && return 0
     echo "== train $1 seed $2 lr $3 -> $run"
     [[ -n "$EVAL_SAMPLES" ]] && extra+=(--max_eval_samples "$EVAL_SAMPLES")
@@ -58,6 +60,10 @@ for seed in $SEEDS; do
             ln -s "../select/lr$LR" "$run"  # the selection run is this run
         fi
         train "$mode" "$seed" "$LR" "$run"
+    done
+    for method in $METHODS; do  # each method alone, and with ROSE-Ensemble on top
+        train none "$seed" "$LR" "$OUT/train/$method-seed$seed" "$method"
+        train ensemble "$seed" "$LR" "$OUT/train/$method+ensemble-seed$seed" "$method"
     done
 done
 echo "train: $(( $(date +%s) - start )) s"

@@ -36,7 +36,20 @@ from rose_ds import analysis, attacks  # noqa: E402
 from rose_ds import data as rose_data  # noqa: E402
 
 ATTACKS = ("deepwordbug", "pwws")
-METHODS = {"none": "vanilla", "first": "ROSE-First", "second": "ROSE-Second", "ensemble": "ROSE-Ensemble"}
+ROSE_NAMES = {"none": "vanilla", "first": "ROSE-First", "second": "ROSE-Second", "ensemble": "ROSE-Ensemble"}
+METHOD_NAMES = {"rdrop": "R-Drop", "r3f": "R3F", "childtuning-f": "ChildTuning-F", "childtuning-d": "ChildTuning-D"}
+# table rows, in order: the ROSE variants, then each method alone and with each ROSE variant on top
+METHODS = dict(ROSE_NAMES)
+for _key, _title in METHOD_NAMES.items():
+    METHODS[_key] = _title
+    METHODS.update({f"{_key}+{mode}": f"{_title} + {ROSE_NAMES[mode]}" for mode in ("first", "second", "ensemble")})
+
+
+def variant(args) -> str:
+    """A run's row: its ROSE mode, or its --method alone (mode none) or with the mode: 'rdrop+ensemble'."""
+    if args.method == "none":
+        return args.rose_mode
+    return args.method if args.rose_mode == "none" else f"{args.method}+{args.rose_mode}"
 # (key in a run's results, column title, higher is better)
 METRICS = (
     ("clean_accuracy", "clean acc.", True),
@@ -134,7 +147,7 @@ def evaluate_runs(root: Path, examples: int, surface: int, eval_samples: int | N
         device = get_accelerator().current_device_name()
         model.to(device).eval()
         evaluation = json.loads((run_dir / "eval_results.json").read_text())
-        record = {"run": run_dir.name, "method": args.rose_mode, "seed": args.seed, "learning_rate": args.learning_rate,
+        record = {"run": run_dir.name, "method": variant(args), "seed": args.seed, "learning_rate": args.learning_rate,
                   "max_steps": args.max_steps, "clean_accuracy": evaluation["eval_accuracy"],
                   "adv_accuracy": evaluation.get("eval_adv_accuracy"), "attack_examples": examples}  # fmt: skip
         for attack in ATTACKS:
@@ -189,6 +202,21 @@ def report(root: Path) -> dict:
             diffs = [r[key] - base[r["seed"]] for r in records if r["method"] == method and r["seed"] in base]
             if method != "none" and diffs:
                 table[method][key]["diff_vs_vanilla"] = dict(zip(("mean", "std"), _mean_std(diffs)))
+    # Paired by seed: what ROSE adds on top of each method ("rdrop+ensemble" against "rdrop").
+    on_top = []
+    for method in methods:
+        base_method = method.partition("+")[0]
+        if "+" not in method or base_method not in methods:
+            continue
+        cells = []
+        for key, _, _ in METRICS:
+            base = {r["seed"]: r[key] for r in records if r["method"] == base_method and r.get(key) is not None}
+            diffs = [r[key] - base[r["seed"]] for r in records if r["method"] == method and r["seed"] in base]
+            if diffs:
+                table[method][key]["diff_vs_method"] = dict(zip(("mean", "std"), _mean_std(diffs)))
+            scale = 1 if key.endswith(("words", "sharpness", "loss")) else 100
+            cells.append(f"{_mean_std(diffs)[0] * scale:+.2f} ± {_mean_std(diffs)[1] * scale:.2f}" if diffs else "-")
+        on_top.append(f"| {METHODS[method]} vs {METHODS[base_method]} | " + " | ".join(cells) + " |")
     lines = ["| method | seeds | " + " | ".join(title for _, title, _ in METRICS) + " |",
              "|---|---|" + "---|" * len(METRICS)]  # fmt: skip
     for method in methods:
@@ -211,6 +239,11 @@ def report(root: Path) -> dict:
     kinds = kept_by_kind(root, records, methods)
     kinds_note = ("Kept (mean c, %) per kind of eligible tensor over all steps, layers and seeds; changes per step: "
                   "the fraction of eligible tensors whose c differs from the previous step (%).")  # fmt: skip
+    if on_top:
+        header = "| ROSE on top of a method | " + " | ".join(title for _, title, _ in METRICS) + " |"
+        on_top = [header, "|---|" + "---|" * len(METRICS), *on_top, "",
+                  "Paired differences (same seed), mean ± std over seeds, in the units of the main table."]
+        note += "\n\n" + "\n".join(on_top)
     (root / "results.md").write_text("\n".join(lines) + "\n\n" + note + "\n\n" + kinds + "\n\n" + kinds_note + "\n")
     (root / "results.json").write_text(json.dumps(table, indent=1))
     _plot_metrics(table, methods, root / "results.png")

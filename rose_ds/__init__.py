@@ -12,6 +12,7 @@ _ZERO_API = (
     "initialize",
     "prepare_config",
     "bind",
+    "childtuning_d",
     "train_step",
     "backward",
     "make_recompute",

@@ -12,6 +12,10 @@ Each is orthogonal to the ROSE mode (docs/algorithm.md, "Composing with other me
   mask each optimizer step, before the optimizer (and ROSE's scoring) sees it. The mask of an element
   is a hash of (seed, step, tensor name, element index), so every ZeRO shard draws, for its own
   elements, exactly the mask a single process draws: no communication, no full-size generator state.
+* ChildTuning-D (Xu et al., 2021) keeps, for the whole run, the eligible elements whose Fisher
+  information (squared task-loss gradients summed over a first pass over the training data) is in
+  the top ``p`` fraction, and zeroes the other gradient elements (no rescale). The threshold is the
+  ``torch.quantile`` of all elements' Fisher values, taken over shards by :mod:`rose_ds.radix`.
 
 These functions touch no DeepSpeed internals: the losses run through any model or engine, and the
 gradient mask works on any view of a tensor's elements given where the view starts.
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rose_ds import radix
 from rose_ds.losses import RoseLosses, _stack_twice, robust_loss, rose_losses, task_loss
 
-METHODS = ("none", "rdrop", "r3f", "childtuning-f")
+METHODS = ("none", "rdrop", "r3f", "childtuning-f", "childtuning-d")
 NOISES = ("uniform", "normal")
 _M32 = 0xFFFFFFFF
 _CHUNK = 1 << 22  # elements hashed at a time (a 32 MiB int64 temporary)
@@ -46,14 +51,17 @@ class MethodConfig:
     """Which robust fine-tuning method runs beside ROSE, and its knobs.
 
     Attributes:
-        name: ``"none"``, ``"rdrop"``, ``"r3f"`` or ``"childtuning-f"``.
+        name: ``"none"``, ``"rdrop"``, ``"r3f"``, ``"childtuning-f"`` or ``"childtuning-d"``.
         rdrop_alpha: R-Drop's KL weight (> 0). Published: 1.0 for GLUE-style classification
             (the authors searched 0.1-1.0 per task).
         r3f_lambda: R3F's KL weight (> 0). Published default: 1.0.
         r3f_eps: R3F's noise scale (> 0). Published default: 1e-5.
         r3f_noise: ``"uniform"`` (U(-eps, eps), the published default) or ``"normal"`` (N(0, eps^2)).
-        childtuning_p: ChildTuning-F's kept fraction of gradient elements, in (0, 1]. The authors
+        childtuning_p: ChildTuning's kept fraction of gradient elements, in (0, 1] (F: per step, of
+            all elements; D: once, of the eligible elements, by Fisher information). The authors
             searched p in {0.1, ..., 0.4}; 0.3 here.
+        childtuning_fisher_batches: ChildTuning-D: batches of the Fisher pass; 0 (published): one
+            pass over the whole training set.
         seed: Seed of ChildTuning-F's masks (the fine-tuning program passes its ``--seed``).
     """
 
@@ -63,6 +71,7 @@ class MethodConfig:
     r3f_eps: float = 1e-5
     r3f_noise: str = "uniform"
     childtuning_p: float = 0.3
+    childtuning_fisher_batches: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,6 +87,9 @@ class MethodConfig:
             _fail("childtuning_p", self.childtuning_p, "a fraction in (0, 1]")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             _fail("seed", self.seed, "an integer")
+        batches = self.childtuning_fisher_batches
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
+            _fail("childtuning_fisher_batches", batches, "an integer >= 0 (0: the whole training set)")
 
     @property
     def extra_passes(self) -> int:
@@ -86,8 +98,13 @@ class MethodConfig:
 
     @property
     def masks_gradients(self) -> bool:
-        """Whether the optimizer must mask the gradient before stepping (ChildTuning-F)."""
+        """Whether the optimizer draws a gradient mask each step (ChildTuning-F)."""
         return self.name == "childtuning-f"
+
+    @property
+    def fixed_mask(self) -> bool:
+        """Whether the optimizer keeps a fixed gradient mask from a Fisher pass (ChildTuning-D)."""
+        return self.name == "childtuning-d"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (JSON-serialisable), for checkpoints and logs."""
@@ -173,7 +190,7 @@ def _stack(value: Any, batch: int, times: int) -> Any:
 def loss_fn(method: MethodConfig):
     """A ``loss_fn`` for :func:`rose_ds.train_step`: ``(model, inputs, labels, two_passes) -> RoseLosses``,
     where ``two_passes`` (set by ``train_step``) says whether ROSE needs the robust loss."""
-    if method.name in ("none", "childtuning-f"):
+    if method.name in ("none", "childtuning-f", "childtuning-d"):
         return rose_losses
 
     def losses(model, inputs, labels, two_passes: bool = True) -> RoseLosses:
@@ -225,6 +242,21 @@ def childtuning_f_(grad: Tensor, key: int, offset: int, p: float) -> Tensor:
     return grad
 
 
+# ----------------------------------------------------------------------------------- ChildTuning-D
+def childtuning_d_masks(
+    fisher: Sequence[Tensor], p: float, all_reduce: radix.AllReduce = radix._identity
+) -> tuple[list[Tensor], float]:
+    """ChildTuning-D's masks: an element is kept when its Fisher information is at least the ``1 - p``
+    quantile (``torch.quantile``'s linear rule) of all elements' values, over every shard when
+    ``all_reduce`` sums over the ranks (each rank passes its own pieces). Returns (boolean masks shaped
+    as the pieces, the threshold)."""
+    if p >= 1.0:
+        return [torch.ones_like(f, dtype=torch.bool) for f in fisher], 0.0
+    pieces = [f.detach().to(torch.float32) for f in fisher]
+    threshold = float(radix.quantiles(pieces, [1.0 - p], all_reduce, nonnegative=True)[0])
+    return [f >= threshold for f in pieces], threshold
+
+
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -237,6 +269,7 @@ __all__ = [
     "METHODS",
     "MethodConfig",
     "MethodConfigError",
+    "childtuning_d_masks",
     "childtuning_f_",
     "childtuning_f_keep",
     "loss_fn",

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from rose_ds.config import RoseConfig
-from rose_ds.methods import MethodConfig, childtuning_f_, tensor_key
+from rose_ds.methods import MethodConfig, childtuning_d_masks, childtuning_f_, tensor_key
 from rose_ds.selection import (
     element_coefficients,
     eligible_names,
@@ -220,8 +220,9 @@ class RoseAdamW(torch.optim.Optimizer):
         rose: The ROSE configuration; ``RoseConfig()`` when omitted.
         foreach: Use torch's multi-tensor kernels (default True).
         fused: Use torch's fused Adam kernel for the update (see :func:`masked_adamw_`); fastest.
-        method: A method composed with ROSE; the optimizer acts only for ChildTuning-F (it masks the
-            gradient before scoring and stepping). ``MethodConfig()`` (none) when omitted.
+        method: A method composed with ROSE; the optimizer acts only for ChildTuning-F and -D (it
+            masks the gradient before scoring and stepping; D's mask is set once by
+            :meth:`set_childtuning_d_fisher`). ``MethodConfig()`` (none) when omitted.
 
     Attributes:
         last_mask: ``{parameter name: c}`` of the eligible tensors at the last step.
@@ -363,6 +364,11 @@ class RoseAdamW(torch.optim.Optimizer):
                     if p.grad is not None:
                         key = tensor_key(self._names[p], self.method.seed, t)
                         childtuning_f_(p.grad.view(-1), key, 0, self.method.childtuning_p)
+        if self.method.fixed_mask:  # ChildTuning-D (all True until set_childtuning_d_fisher)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(self.state[p]["child_mask"])
 
         if self.rose.granularity == "element":
             self._element_step(t)
@@ -443,6 +449,21 @@ class RoseAdamW(torch.optim.Optimizer):
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self.method.fixed_mask:  # ChildTuning-D's mask lives in the state: checkpoints carry it
+                state["child_mask"] = torch.ones_like(p, dtype=torch.bool)
+
+    def set_childtuning_d_fisher(self, fisher: Sequence[Tensor]) -> float:
+        """ChildTuning-D: fixes the gradient mask from the Fisher information of the eligible tensors
+        (one tensor each, in :attr:`eligible_names` order, shaped as the parameter); returns the
+        threshold. Dense use (one process, or ZeRO-0 through :func:`rose_ds.childtuning_d`)."""
+        if not self.method.fixed_mask:
+            raise ValueError(f"set_childtuning_d_fisher: the method is {self.method.name!r}, not 'childtuning-d'")
+        params = sorted(self._eligible, key=self._eligible.__getitem__)
+        masks, threshold = childtuning_d_masks(fisher, self.method.childtuning_p)
+        for p, mask in zip(params, masks, strict=True):
+            self._init_state(p)
+            self.state[p]["child_mask"].copy_(mask.view_as(p))
+        return threshold
 
     def _global_step(self) -> int:
         """Steps taken so far (the counter is global: frozen tensors advance it too)."""

@@ -22,6 +22,7 @@ What each ZeRO stage hands the client optimizer, and what this module does about
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -34,8 +35,8 @@ from deepspeed.accelerator import get_accelerator
 from torch import Tensor, nn
 
 from rose_ds.config import RoseConfig
-from rose_ds.losses import RoseLosses, rose_losses
-from rose_ds.methods import MethodConfig, childtuning_f_, tensor_key
+from rose_ds.losses import RoseLosses, rose_losses, task_loss
+from rose_ds.methods import MethodConfig, childtuning_d_masks, childtuning_f_, tensor_key
 from rose_ds.optim import RoseAdamW, masked_adamw_elements_, sum_of_squares
 from rose_ds.selection import (
     element_coefficients,
@@ -242,6 +243,40 @@ def train_step(
     return losses
 
 
+def childtuning_d(engine, batches: Iterable[tuple[Mapping[str, Tensor], Tensor]]) -> float:
+    """ChildTuning-D's Fisher pass: fixes the engine's gradient mask for the rest of the run.
+
+    For each batch (this rank's rows of one global batch), the task loss is back-propagated with
+    dropout off and reduced over the ranks as a training step reduces it; each rank sums the squares
+    of its own fragment of that gradient (O(P/N) memory), and the eligible elements whose sum is at
+    least the ``1 - p`` quantile over all ranks' elements are kept (``rose_ds.radix``: no gather).
+    The mask lives in the optimizer state, so checkpoints carry it: call this once before training,
+    not after a resume. The weights and the optimizer state are left untouched. Returns the threshold.
+
+    Args:
+        engine: An engine from :func:`initialize` with ``method=MethodConfig(name="childtuning-d")``.
+        batches: ``(inputs, labels)`` pairs, the same number on every rank.
+    """
+    opt = rose_optimizer(engine)
+    if not opt.method.fixed_mask:
+        raise ValueError(f"rose_ds.childtuning_d: the engine's method is {opt.method.name!r}, not 'childtuning-d'")
+    binding = opt._binding
+    was_training = engine.training
+    engine.eval()  # dropout off: the Fisher information of the pre-trained weights, not of a random sub-network
+    fisher: dict[int, Tensor] = {}
+    try:
+        for inputs, labels in batches:
+            engine.set_gradient_accumulation_boundary(True)  # each batch is reduced on its own
+            loss = task_loss(engine(**inputs).logits, labels)
+            for i, fragment in binding.gradient_fragments(loss).items():
+                square = fragment.float().square()
+                fisher[i] = square if i not in fisher else fisher[i].add_(square)
+    finally:
+        engine.set_gradient_accumulation_boundary(None)  # back to DeepSpeed's own counting
+        engine.train(was_training)
+    return binding.set_child_masks(fisher)
+
+
 def _load_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(config, Mapping):
         return copy.deepcopy(dict(config))
@@ -431,6 +466,42 @@ class ZeroBinding:
         robust = self._swap_stores(task)
         self._robust_store = {} if boundary else robust
 
+    def gradient_fragments(self, loss: Tensor) -> dict[int, Tensor]:
+        """This rank's fragment of the reduced gradient of ``loss`` for each eligible tensor (flat, fp32,
+        unscaled), through the robust-gradient path; call at an accumulation boundary, outside a
+        training step. Nothing is stepped and no gradient is left behind."""
+        opt = self.opt
+        saved = (opt.rose, self._robust_sq, self._robust_fragments, self._robust_store, self._micro,
+                 opt._robust_sq, opt._robust_grads)  # fmt: skip
+        opt.rose = dataclasses.replace(opt.rose, granularity="element")  # keep the fragments themselves
+        self._robust_store, self._micro = {}, 0
+        try:
+            self.robust_backward(loss)
+            if self.stage == 0:
+                return {i: g.reshape(-1) for i, g in enumerate(opt._robust_grads) if g is not None}
+            return dict(self._robust_fragments or {})
+        finally:
+            (opt.rose, self._robust_sq, self._robust_fragments, self._robust_store, self._micro, opt._robust_sq,
+             opt._robust_grads) = saved  # fmt: skip
+
+    def set_child_masks(self, fisher: dict[int, Tensor]) -> float:
+        """ChildTuning-D: the kept elements from this rank's Fisher fragments, written into the
+        optimizer state (``child_mask``) where the step reads them; returns the threshold."""
+        opt = self.opt
+        if self.stage == 0:  # whole tensors on every rank
+            params = sorted(opt._eligible, key=opt._eligible.__getitem__)
+            return opt.set_childtuning_d_fisher([fisher[i].view_as(p) for i, p in enumerate(params)])
+        held = sorted(fisher)
+        masks, threshold = childtuning_d_masks([fisher[i] for i in held], opt.method.childtuning_p, self._all_reduce)
+        by_index = dict(zip(held, masks))
+        for flat in self._flats:
+            opt._init_state(flat)
+            child = opt.state[flat]["child_mask"]
+            for start, numel, idx in self._segments[id(flat)]:
+                if idx in by_index and numel > 0:
+                    child.narrow(0, start, numel).copy_(by_index[idx])
+        return threshold
+
     def _swap_stores(self, store: dict[Any, Any]) -> dict[Any, Any]:
         """Puts ``store`` where DeepSpeed accumulates gradients and returns what was there.
 
@@ -526,6 +597,11 @@ class ZeroBinding:
         stash, self._stash = self._stash, []
         flats = [f for _, fs, _ in stash for f in fs]
         t = int(max(float(opt.state[f]["step"]) for f in flats)) + 1
+        if opt.method.fixed_mask:  # ChildTuning-D: the mask of this rank's elements, from the Fisher pass
+            for _, fs, grads in stash:
+                for flat, grad in zip(fs, grads):
+                    if grad is not None:
+                        grad.mul_(opt.state[flat]["child_mask"])
         if opt.method.masks_gradients:  # ChildTuning-F: each rank masks its own elements, as one process would
             for _, fs, grads in stash:
                 for flat, grad in zip(fs, grads):

@@ -5,11 +5,14 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from rose_ds.data import jaccard_filter, load_local
 from rose_ds.dsconfig import ConfigConflictError, fill_auto
@@ -257,3 +260,28 @@ def test_methods_compose_with_rose_through_the_program(tmp_path, method):
     assert config["method"]["name"] == method and config["method"]["seed"] == 42
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(math.isfinite(m["loss"]) and m["kept_fraction"] < 1 for m in metrics)
+
+
+def test_childtuning_d_resumes_with_its_mask_and_refuses_another_world_size(tmp_path):
+    """The Fisher mask lives in the checkpoint: stopping at step 2 and resuming ends where an uninterrupted
+    run ends; a resume on another number of ranks is refused (the mask is saved per rank)."""
+    common = ["--deepspeed", "ds_configs/zero2.json", "--method", "childtuning-d", "--childtuning_fisher_batches",
+              "3", "--rose_mode", "second", "--max_train_samples", "48", "--max_eval_samples", "16",
+              "--per_device_train_batch_size", "8", "--adv_file", "none", "--logging_steps", "1"]  # fmt: skip
+    whole = run([*common, "--output_dir", str(tmp_path / "whole"), "--max_steps", "4", "--save_steps", "2"])
+    assert "ChildTuning-D: Fisher information over 3 batches" in whole.stdout
+    step2 = str(tmp_path / "whole" / "global_step2")
+    resumed = run([*common, "--output_dir", str(tmp_path / "parts"), "--max_steps", "4", "--resume", step2])
+    assert "at step 2" in resumed.stdout and "Fisher" not in resumed.stdout  # the mask came from the checkpoint
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "parts" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", _free_port()]
+    refused = run([*common, "--output_dir", str(tmp_path / "moved"), "--max_steps", "4", "--resume", step2],
+                  launcher=launcher, check=False)  # fmt: skip
+    assert refused.returncode != 0 and "cannot move from 1 to 2 ranks; resume on 1 ranks" in refused.stderr
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

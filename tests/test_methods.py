@@ -149,3 +149,45 @@ def test_bad_method_values_are_one_line(kwargs, message):
     with pytest.raises(MethodConfigError) as err:
         MethodConfig(**kwargs)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_childtuning_d_keeps_the_top_p_by_fisher_as_the_reference():
+    """The mask is the top p of all eligible elements' Fisher values (torch.quantile on the
+    concatenation), whatever way the elements are split into pieces; the optimizer zeroes the rest."""
+    torch.manual_seed(0)
+    fisher = [torch.rand(37, 5) ** 3, torch.rand(1000), torch.zeros(12), torch.rand(64, 64)]
+    fisher[1][:100] = fisher[1][100]  # ties at many values
+    masks, threshold = methods.childtuning_d_masks(fisher, 0.3)
+    flat = torch.cat([f.reshape(-1) for f in fisher])
+    want = torch.quantile(flat, 0.7)
+    assert threshold == pytest.approx(float(want), rel=0, abs=0)
+    assert torch.equal(torch.cat([m.reshape(-1) for m in masks]), flat >= want)
+    assert abs(torch.cat([m.reshape(-1) for m in masks]).float().mean().item() - 0.3) < 0.01
+    pieces = [p for f in fisher for p in f.reshape(-1).split(50)]  # another layout: the same elements kept
+    assert torch.equal(torch.cat(methods.childtuning_d_masks(pieces, 0.3)[0]), flat >= want)
+    assert all(m.all() for m in methods.childtuning_d_masks(fisher, 1.0)[0])
+
+
+def test_childtuning_d_optimizer_zeroes_the_masked_gradient():
+    model = tiny_bert(dropout=0.0, seed=4)
+    reference = tiny_bert(dropout=0.0, seed=4)
+    method = MethodConfig(name="childtuning-d", childtuning_p=0.25)
+    opt = RoseAdamW(model.named_parameters(), lr=1e-3, rose=RoseConfig(mode="none"), method=method)
+    params = dict(model.named_parameters())
+    fisher = [torch.rand_like(params[n]) for n in opt.eligible_names]
+    opt.set_childtuning_d_fisher(fisher)
+    masks, _ = methods.childtuning_d_masks(fisher, 0.25)
+    inputs, labels = random_batch(0)
+    torch.nn.functional.cross_entropy(model(**inputs).logits, labels).backward()
+    torch.nn.functional.cross_entropy(reference(**inputs).logits, labels).backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    for n, mask in zip(opt.eligible_names, masks):
+        assert torch.equal(params[n].grad, torch.where(mask, dict(reference.named_parameters())[n].grad, 0.0))
+        moved = params[n].detach() != before[n]
+        assert not (moved & ~mask).any()  # frozen elements: no Adam step (weight decay 0 here)
+        assert moved[mask].float().mean() > 0.9
+    assert opt.state[params[opt.eligible_names[0]]]["child_mask"].dtype == torch.bool
+    assert "child_mask" in opt.state_dict()["state"][0]  # the mask travels with checkpoints
+    with pytest.raises(ValueError, match="not 'childtuning-d'"):
+        RoseAdamW(model.named_parameters(), lr=1e-3).set_childtuning_d_fisher(fisher)

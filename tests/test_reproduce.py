@@ -34,7 +34,8 @@ def test_reduced_pipeline_trains_attacks_measures_and_reports(tmp_path):
     assert (out / "learning_rate").read_text().strip() == "1e-4"
     assert (out / "train" / "none-seed1").is_symlink()  # the selection run is the vanilla run
     records = {p.stem: json.loads(p.read_text()) for p in (out / "robustness").glob("*.json")}
-    assert set(records) == {"none-seed1", "ensemble-seed1"}
+    assert set(records) == {"none-seed1", "ensemble-seed1", "rdrop-seed1", "rdrop+ensemble-seed1"}
+    assert records["rdrop+ensemble-seed1"]["method"] == "rdrop+ensemble"
     for name, record in records.items():
         for key in (
             "clean_accuracy",
@@ -58,9 +59,12 @@ def test_reduced_pipeline_trains_attacks_measures_and_reports(tmp_path):
     assert kept and all(k < 1 for k in kept)  # ROSE really froze tensors
     table = (out / "results.md").read_text()
     assert "| vanilla | 1 |" in table and "| ROSE-Ensemble | 1 |" in table and "PWWS acc. under attack" in table
+    assert "| R-Drop | 1 |" in table and "| R-Drop + ROSE-Ensemble | 1 |" in table
+    assert "| R-Drop + ROSE-Ensemble vs R-Drop |" in table  # what ROSE adds on top of the method
     assert "changes per step" in table  # the kept-by-tensor-kind table from the mask history
     results = json.loads((out / "results.json").read_text())
     assert "diff_vs_vanilla" in results["ensemble"]["pwws_accuracy_under_attack"]
+    assert "diff_vs_method" in results["rdrop+ensemble"]["clean_accuracy"]
     for png in ("results.png", "landscape.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second run finds every stage done and only reports again

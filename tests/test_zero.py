@@ -24,7 +24,7 @@ from rose_ds.selection import needs_robust_gradient
 from rose_ds.zero import decay_param_groups
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from worker import BETAS, EPS, LR, WD, stand_in_losses  # noqa: E402
+from worker import BETAS, EPS, FISHER_BATCHES, LR, WD, stand_in_losses  # noqa: E402
 
 WORKER = Path(__file__).parent / "dist" / "worker.py"
 MODES = ["none", "first", "second", "ensemble"]
@@ -95,6 +95,17 @@ for _m, _s, _mode, _g in METHOD_CASES:
                                 rose={"mode": _mode, "upper": 70}, method={"name": _m, "r3f_eps": 0.05, "seed": 3}))
 EXTRA_CASES[2].append(_case("method-childtuning-f-s3-element", stage=3, loss="rose", dropout=0.1,
                             rose=ROSE["element"], method={"name": "childtuning-f", "seed": 3}))
+# ChildTuning-D: the Fisher pass (3 global batches, dropout off) and its fixed mask, every stage and mode
+for _s in range(4):
+    EXTRA_CASES[2].append(_case(f"method-childtuning-d-s{_s}-ensemble-gas1", stage=_s, loss="rose", dropout=0.1,
+                                rose={"mode": "ensemble", "upper": 70}, method={"name": "childtuning-d"}))
+for _mode in ("none", "first", "second"):
+    EXTRA_CASES[2].append(_case(f"method-childtuning-d-s2-{_mode}-gas1", stage=2, loss="rose", dropout=0.1,
+                                rose={"mode": _mode, "upper": 70}, method={"name": "childtuning-d"}))
+EXTRA_CASES[2].append(_case("method-childtuning-d-s3-ensemble-gas2", stage=3, gas=2, loss="rose", dropout=0.1,
+                            rose={"mode": "ensemble", "upper": 70}, method={"name": "childtuning-d"}))
+EXTRA_CASES[2].append(_case("method-childtuning-d-offload-s2", stage=2, offload=True, loss="rose", dropout=0.1,
+                            rose={"mode": "ensemble", "upper": 70}, method={"name": "childtuning-d"}))
 
 # World-size change: 3 steps saved on 2 ranks (micro-batch 3) and on 3 ranks (micro-batch 2), same global
 # batch of 6; resumed for 2 more steps on 3 and on 2 ranks through DeepSpeed's universal checkpoint.
@@ -197,6 +208,17 @@ def dense_run_per_rank(case, world):
                     method=method)  # fmt: skip
     two = needs_robust_gradient(rose)
     loss_fn = methods.loss_fn(method)
+    if method.fixed_mask:  # ChildTuning-D: the Fisher pass, each global batch's gradient averaged over ranks
+        model.eval()
+        params = [dict(model.named_parameters())[n] for n in opt.eligible_names]
+        fisher = [torch.zeros_like(p) for p in params]
+        for j in range(FISHER_BATCHES):
+            inputs, labels = random_batch(100 + j, batch_size=world * case["micro_bs"])
+            loss = torch.nn.functional.cross_entropy(model(**inputs).logits, labels)  # = the mean of ranks' means
+            for f, g in zip(fisher, torch.autograd.grad(loss, params)):
+                f.add_(g.square())
+        model.train()
+        opt.set_childtuning_d_fisher(fisher)
     streams = []
     for r in range(world):
         torch.manual_seed(1234 + r)  # the worker's dropout seed on rank r

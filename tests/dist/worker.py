@@ -35,6 +35,7 @@ from rose_ds.methods import MethodConfig  # noqa: E402
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 LR, BETAS, EPS, WD = 2e-3, (0.9, 0.98), 1e-6, 0.01
+FISHER_BATCHES = 3  # ChildTuning-D cases: global batches of the Fisher pass
 COLLECTIVES = [
     "all_reduce", "inference_all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "broadcast",
     "all_gather", "all_gather_into_tensor", "all_gather_base", "all_gather_coalesced", "reduce_scatter_tensor",
@@ -128,6 +129,14 @@ def run_case(case, out, counter):
     engine, _, _, _ = rose_ds.initialize(model, config, rose=rose, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
                                          method=method)  # fmt: skip
     opt = rose_ds.rose_optimizer(engine)
+    if method.fixed_mask and "resume_from" not in case:  # ChildTuning-D's Fisher pass over this rank's rows
+        mb = case["micro_bs"]
+        fisher_batches = []
+        for j in range(FISHER_BATCHES):
+            inputs, labels = random_batch(100 + j, batch_size=world * mb)
+            rows = slice(rank * mb, (rank + 1) * mb)
+            fisher_batches.append(({k: v[rows] for k, v in inputs.items()}, labels[rows]))
+        rose_ds.childtuning_d(engine, fisher_batches)
     first_step = 0
     if resume is not None:
         ckpt.load(engine, resume, tag)
