@@ -103,7 +103,7 @@ def table(results: dict) -> tuple[list[dict], str]:
             ratio = m[variant] / m[over]
             rows.append({"section": f"step time {stage}", "line": f"{variant} / {over}", "value": m[variant],
                          "ratio": ratio, "target": _verdict(ratio, *op_bound) if op_bound else ""})  # fmt: skip
-        for name in ("rdrop", "r3f", "childtuning-f"):  # each method alone and with ROSE-Ensemble on top
+        for name in ("rdrop", "r3f", "childtuning-f", "childtuning-d"):  # each alone and with ROSE-Ensemble on top
             if name not in m:
                 continue
             for variant, over in ((name, "vanilla"), (f"{name}+ensemble", "vanilla"), (f"{name}+ensemble", name)):

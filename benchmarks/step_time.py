@@ -54,7 +54,8 @@ if get_accelerator().device_name() == "cpu":
 LR, BETAS, EPS, WD = 2e-5, (0.9, 0.98), 1e-6, 0.01
 VARIANTS = ("vanilla", "second", "first", "ensemble", "two-pass")
 # a method alone (RoseAdamW with mode none) and with ROSE-Ensemble on top, at --method_stages
-METHOD_VARIANTS = tuple(f"{m}{r}" for m in ("rdrop", "r3f", "childtuning-f") for r in ("", "+ensemble"))
+METHODS = ("rdrop", "r3f", "childtuning-f", "childtuning-d")
+METHOD_VARIANTS = tuple(f"{m}{r}" for m in METHODS for r in ("", "+ensemble"))
 
 
 def make_model(hidden: int, layers: int, seed: int = 0) -> torch.nn.Module:
@@ -119,6 +120,9 @@ def build(variant: str, stage: int, args) -> tuple:
                                     fused=args.fused, method=method)  # fmt: skip
     if variant == "two-pass":
         _switch_selection_off(engine)
+    if method.fixed_mask:  # ChildTuning-D: a Fisher pass of two batches first (not timed: it runs once)
+        device = get_accelerator().current_device_name()
+        rose_ds.childtuning_d(engine, [batch(1000 + i, args.batch, args.seq, device) for i in range(2)])
     loss = methods.loss_fn(method)
     return engine, lambda inputs, labels: rose_ds.train_step(engine, inputs, labels, loss_fn=loss)
 
