@@ -215,7 +215,9 @@ def report(root: Path) -> dict:
             if diffs:
                 table[method][key]["diff_vs_method"] = dict(zip(("mean", "std"), _mean_std(diffs)))
             scale = 1 if key.endswith(("words", "sharpness", "loss")) else 100
-            cells.append(f"{_mean_std(diffs)[0] * scale:+.2f} ± {_mean_std(diffs)[1] * scale:.2f}" if diffs else "-")
+            digits = {"sharpness": 4, "train_loss": 3}.get(key, 2)
+            mean, std = _mean_std(diffs) if diffs else (0.0, 0.0)
+            cells.append(f"{mean * scale:+.{digits}f} ± {std * scale:.{digits}f}" if diffs else "-")
         on_top.append(f"| {METHODS[method]} vs {METHODS[base_method]} | " + " | ".join(cells) + " |")
     lines = ["| method | seeds | " + " | ".join(title for _, title, _ in METRICS) + " |",
              "|---|---|" + "---|" * len(METRICS)]  # fmt: skip
