@@ -32,7 +32,7 @@ mkdir -p "$OUT/train" "$OUT/select"
 start=$(date +%s)
 
 train() {  # train MODE SEED LR DIR [METHOD]
-    local run=$4 extra=(--method "${5:-none}")
+    local run=$4 extra=(--method "${5-none}")
     [[ -f "$run/model.safetensors" && -f "$run/eval_results.json" ]] && return 0
     echo "== train $1 seed $2 lr $3 -> $run"
     [[ -n "$EVAL_SAMPLES" ]] && extra+=(--max_eval_samples "$EVAL_SAMPLES")
