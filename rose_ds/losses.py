@@ -35,12 +35,16 @@ def robust_loss(z1: Tensor, z2: Tensor) -> Tensor:
     """
     if z1.shape[-1] == 1:
         return F.mse_loss(z1.float(), z2.float())
-    lp1 = F.log_softmax(z1.float(), dim=-1)
-    lp2 = F.log_softmax(z2.float(), dim=-1)
+    return symmetric_kl_sum(z1, z2) / 4
+
+
+def symmetric_kl_sum(za: Tensor, zb: Tensor) -> Tensor:
+    """``KL(Pb || Pa) + KL(Pa || Pb)`` of two logit tensors' class distributions, summed over the batch
+    (in float32). ROSE's robust loss, R-Drop's and R3F's terms are multiples of it."""
+    la = F.log_softmax(za.float(), dim=-1)
+    lb = F.log_softmax(zb.float(), dim=-1)
     # kl_div(input=log P_a, target=log P_b, log_target) = sum P_b (log P_b - log P_a) = KL(P_b || P_a)
-    kl_21 = F.kl_div(lp1, lp2, reduction="sum", log_target=True)
-    kl_12 = F.kl_div(lp2, lp1, reduction="sum", log_target=True)
-    return (kl_21 + kl_12) / 4
+    return F.kl_div(la, lb, reduction="sum", log_target=True) + F.kl_div(lb, la, reduction="sum", log_target=True)
 
 
 def task_loss(z: Tensor, labels: Tensor) -> Tensor:
@@ -78,16 +82,17 @@ def rose_losses(model: Any, inputs: Mapping[str, Tensor], labels: Tensor, *, two
     # reaches each weight (one full-model fp32 gradient of extra peak memory, measured in
     # benchmarks/RESULTS.md), and at ZeRO-3 each call would gather every parameter again.
     n = labels.shape[0]
-    z = model(**{k: _stack_twice(v, n) for k, v in inputs.items()}).logits
+    z = model(**{k: stack_batch(v, n, 2) for k, v in inputs.items()}).logits
     z1, z2 = z[:n], z[n:]
     task = 0.5 * task_loss(z1, labels) + 0.5 * task_loss(z2, labels)
     return RoseLosses(task, robust_loss(z1, z2), z1, z2)
 
 
-def _stack_twice(value: Any, batch: int) -> Any:
-    """The batch concatenated with itself along dim 0; non-batch inputs (no leading batch dim) pass."""
+def stack_batch(value: Any, batch: int, times: int) -> Any:
+    """The batch repeated ``times`` times along dim 0 (several passes in one forward); inputs without a
+    leading batch dimension pass as they are."""
     if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
-        return torch.cat([value, value])
+        return torch.cat([value] * times)
     return value
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rose_ds import radix
-from rose_ds.losses import RoseLosses, _stack_twice, robust_loss, rose_losses, task_loss
+from rose_ds.losses import RoseLosses, robust_loss, rose_losses, stack_batch, symmetric_kl_sum, task_loss
 
 METHODS = ("none", "rdrop", "r3f", "childtuning-f", "childtuning-d")
 NOISES = ("uniform", "normal")
@@ -92,11 +92,6 @@ class MethodConfig:
             _fail("childtuning_fisher_batches", batches, "an integer >= 0 (0: the whole training set)")
 
     @property
-    def extra_passes(self) -> int:
-        """Forward passes the method needs beyond ROSE's: R-Drop needs two clean passes, R3F a noisy one."""
-        return {"r3f": 1}.get(self.name, 0)
-
-    @property
     def masks_gradients(self) -> bool:
         """Whether the optimizer draws a gradient mask each step (ChildTuning-F)."""
         return self.name == "childtuning-f"
@@ -117,7 +112,7 @@ def rdrop_kl(z1: Tensor, z2: Tensor) -> Tensor:
     one-output regression head, the mean squared difference of the two outputs."""
     if z1.shape[-1] == 1:
         return F.mse_loss(z1.float(), z2.float())
-    return _symmetric_kl_sum(z1, z2) / 2
+    return symmetric_kl_sum(z1, z2) / 2
 
 
 def r3f_kl(z: Tensor, z_noisy: Tensor) -> Tensor:
@@ -125,12 +120,7 @@ def r3f_kl(z: Tensor, z_noisy: Tensor) -> Tensor:
     one-output regression head, the mean squared difference."""
     if z.shape[-1] == 1:
         return F.mse_loss(z.float(), z_noisy.float())
-    return _symmetric_kl_sum(z, z_noisy) / z.shape[0]
-
-
-def _symmetric_kl_sum(a: Tensor, b: Tensor) -> Tensor:
-    la, lb = F.log_softmax(a.float(), dim=-1), F.log_softmax(b.float(), dim=-1)
-    return F.kl_div(la, lb, reduction="sum", log_target=True) + F.kl_div(lb, la, reduction="sum", log_target=True)
+    return symmetric_kl_sum(z, z_noisy) / z.shape[0]
 
 
 def method_losses(
@@ -168,7 +158,7 @@ def method_losses(
         noise = torch.empty_like(embeddings).uniform_(-method.r3f_eps, method.r3f_eps)
     else:
         noise = torch.empty_like(embeddings).normal_(0.0, method.r3f_eps)
-    stacked = {k: _stack(v, n, clean + 1) for k, v in inputs.items() if k != "input_ids"}
+    stacked = {k: stack_batch(v, n, clean + 1) for k, v in inputs.items() if k != "input_ids"}
     stacked["inputs_embeds"] = torch.cat([embeddings] * clean + [embeddings + noise])
     z = model(**stacked).logits
     passes = [z[i * n : (i + 1) * n] for i in range(clean + 1)]
@@ -176,15 +166,6 @@ def method_losses(
     task = task + method.r3f_lambda * r3f_kl(passes[0], passes[-1])
     return RoseLosses(task, robust_loss(passes[0], passes[1]) if robust else None, passes[0],
                       passes[1] if clean == 2 else None)  # fmt: skip
-
-
-def _stack(value: Any, batch: int, times: int) -> Any:
-    """The batch repeated ``times`` times along dim 0; non-batch inputs pass."""
-    if times == 2:
-        return _stack_twice(value, batch)
-    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
-        return torch.cat([value] * times)
-    return value
 
 
 def loss_fn(method: MethodConfig):

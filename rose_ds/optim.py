@@ -364,11 +364,10 @@ class RoseAdamW(torch.optim.Optimizer):
                     if p.grad is not None:
                         key = tensor_key(self._names[p], self.method.seed, t)
                         childtuning_f_(p.grad.view(-1), key, 0, self.method.childtuning_p)
-        if self.method.fixed_mask:  # ChildTuning-D (all True until set_childtuning_d_fisher)
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.grad.mul_(self.state[p]["child_mask"])
+        if self.method.fixed_mask:  # ChildTuning-D masks eligible tensors only (all True until set)
+            for p in self._eligible:
+                if p.grad is not None:
+                    p.grad.mul_(self.state[p]["child_mask"])
 
         if self.rose.granularity == "element":
             self._element_step(t)

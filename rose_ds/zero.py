@@ -597,11 +597,13 @@ class ZeroBinding:
         stash, self._stash = self._stash, []
         flats = [f for _, fs, _ in stash for f in fs]
         t = int(max(float(opt.state[f]["step"]) for f in flats)) + 1
-        if opt.method.fixed_mask:  # ChildTuning-D: the mask of this rank's elements, from the Fisher pass
+        if opt.method.fixed_mask:  # ChildTuning-D: this rank's eligible segments, masked by the Fisher pass
             for _, fs, grads in stash:
                 for flat, grad in zip(fs, grads):
-                    if grad is not None:
-                        grad.mul_(opt.state[flat]["child_mask"])
+                    child = opt.state[flat]["child_mask"]
+                    for start, numel, idx in self._segments[id(flat)] if grad is not None else []:
+                        if idx >= 0 and numel > 0:
+                            grad.narrow(0, start, numel).mul_(child.narrow(0, start, numel))
         if opt.method.masks_gradients:  # ChildTuning-F: each rank masks its own elements, as one process would
             for _, fs, grads in stash:
                 for flat, grad in zip(fs, grads):
