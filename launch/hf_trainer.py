@@ -2,9 +2,10 @@
 
 Every ``TrainingArguments`` flag works as in any Trainer script (``--deepspeed``, ``--bf16``,
 ``--gradient_accumulation_steps``, ``--eval_strategy``, ``--save_steps``, ``--report_to`` ...); the
-flags below choose the model, the data and ROSE. With no model or task it fine-tunes the embedded
-offline default of ``launch/finetune.py`` (MiniLM-L6 on Rotten Tomatoes) and evaluates on the
-validation split and on AdvGLUE SST-2.
+flags below choose the model, the data, ROSE and a composed method (``--method``, as in
+``launch/finetune.py``). With no model or task it fine-tunes the embedded offline default of
+``launch/finetune.py`` (MiniLM-L6 on Rotten Tomatoes) and evaluates on the validation split and on
+AdvGLUE SST-2.
 
     deepspeed --num_gpus 2 launch/hf_trainer.py --deepspeed ds_configs/zero2.json --output_dir runs/hf
     python launch/hf_trainer.py --output_dir runs/hf --max_steps 50          # one process, no DeepSpeed
@@ -12,6 +13,7 @@ validation split and on AdvGLUE SST-2.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rose_ds import RoseConfig, RoseConfigError  # noqa: E402
 from rose_ds import data as rose_data  # noqa: E402
 from rose_ds.hf import RoseTrainer, join_cpu_processes  # noqa: E402
+from rose_ds.methods import MethodConfig, MethodConfigError  # noqa: E402
 from rose_ds.zero import UnsupportedConfigError  # noqa: E402
 
 
@@ -56,9 +59,22 @@ class ExampleArguments:
     rose_eligibility: str = field(default="original", metadata={"help": "original, bert, gpt2, llama"})
     rose_granularity: str = field(default="tensor", metadata={"help": "tensor or element"})
     rose_scope: str = field(default="global", metadata={"help": "element granularity: global or tensor"})
+    method: str = field(default="none", metadata={"help": "none, rdrop, r3f, childtuning-f, childtuning-d"})
+    rdrop_alpha: float = field(default=1.0, metadata={"help": "R-Drop: weight of the two passes' symmetric KL"})
+    r3f_lambda: float = field(default=1.0, metadata={"help": "R3F: weight of the clean/noisy symmetric KL"})
+    r3f_eps: float = field(default=1e-5, metadata={"help": "R3F: scale of the input-embedding noise"})
+    r3f_noise: str = field(default="uniform", metadata={"help": "R3F: uniform or normal"})
+    childtuning_p: float = field(default=0.3, metadata={"help": "ChildTuning: kept fraction of gradient elements"})
+    childtuning_fisher_batches: int = field(
+        default=0, metadata={"help": "ChildTuning-D: batches of the Fisher pass (0: the whole training set)"}
+    )
 
     def rose(self) -> RoseConfig:
         return RoseConfig(**{f.name[5:]: getattr(self, f.name) for f in fields(self) if f.name.startswith("rose_")})
+
+    def method_config(self, seed: int) -> MethodConfig:
+        knobs = {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(("rdrop_", "r3f_", "child"))}
+        return MethodConfig(name=self.method, seed=seed, **knobs)
 
 
 def accuracy(prediction) -> dict[str, float]:
@@ -76,6 +92,11 @@ def main(argv: list[str] | None = None, trainer_class: type[RoseTrainer] = RoseT
         rose = example.rose()
     except RoseConfigError as err:
         sys.exit(f"hf_trainer.py: error: {str(err).replace('RoseConfig.', '--rose_')}")
+    try:
+        method = example.method_config(training.seed)  # ChildTuning-F's masks follow --seed
+    except MethodConfigError as err:
+        message = str(err).replace("MethodConfig.name", "--method").replace("MethodConfig.", "--")
+        sys.exit(f"hf_trainer.py: error: {message}")
     set_seed(training.seed)
 
     # data: the same splits, order and tokens as launch/finetune.py
@@ -109,10 +130,13 @@ def main(argv: list[str] | None = None, trainer_class: type[RoseTrainer] = RoseT
         trainer = trainer_class(
             model_init=model_init, args=training, train_dataset=train, eval_dataset=evaluation,
             data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer, compute_metrics=accuracy,
-            rose=rose,
+            rose=rose, method=method,
         )  # fmt: skip
     except UnsupportedConfigError as err:  # one line, before any training
         sys.exit(f"hf_trainer.py: error: {err}")
+    if method.name == "r3f" and "inputs_embeds" not in inspect.signature(trainer.model.forward).parameters:
+        sys.exit(f"hf_trainer.py: error: --method r3f perturbs input embeddings, but {type(trainer.model).__name__} "
+                 "takes no inputs_embeds; use another --method or model")  # fmt: skip
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)  # a checkpoint-N folder
     trainer.save_model()
     metrics = trainer.evaluate()

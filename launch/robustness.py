@@ -50,6 +50,8 @@ def variant(args) -> str:
     if args.method == "none":
         return args.rose_mode
     return args.method if args.rose_mode == "none" else f"{args.method}+{args.rose_mode}"
+
+
 # (key in a run's results, column title, higher is better)
 METRICS = (
     ("clean_accuracy", "clean acc.", True),
@@ -243,8 +245,13 @@ def report(root: Path) -> dict:
                   "the fraction of eligible tensors whose c differs from the previous step (%).")  # fmt: skip
     if on_top:
         header = "| ROSE on top of a method | " + " | ".join(title for _, title, _ in METRICS) + " |"
-        on_top = [header, "|---|" + "---|" * len(METRICS), *on_top, "",
-                  "Paired differences (same seed), mean ± std over seeds, in the units of the main table."]
+        on_top = [
+            header,
+            "|---|" + "---|" * len(METRICS),
+            *on_top,
+            "",
+            "Paired differences (same seed), mean ± std over seeds, in the units of the main table.",
+        ]
         note += "\n\n" + "\n".join(on_top)
     (root / "results.md").write_text("\n".join(lines) + "\n\n" + note + "\n\n" + kinds + "\n\n" + kinds_note + "\n")
     (root / "results.json").write_text(json.dumps(table, indent=1))

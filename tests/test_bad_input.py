@@ -44,7 +44,15 @@ def _files(tmp: Path) -> dict[str, str]:
     for name, text in files.items():
         (tmp / name).write_text(text)
     (tmp / "empty_folder").mkdir()
-    return {name: str(tmp / name) for name in [*files, "empty_folder"]}
+    # a model whose forward takes no inputs_embeds (a tiny byte-level Perceiver: its tokenizer needs no files)
+    from transformers import PerceiverConfig, PerceiverTokenizer
+
+    perceiver = PerceiverConfig(num_latents=4, d_latents=16, d_model=16, num_blocks=1, num_self_attends_per_block=1,
+                                num_self_attention_heads=1, num_cross_attention_heads=1,
+                                architectures=["PerceiverForSequenceClassification"])  # fmt: skip
+    perceiver.save_pretrained(tmp / "perceiver")
+    PerceiverTokenizer().save_pretrained(tmp / "perceiver")
+    return {name: str(tmp / name) for name in [*files, "empty_folder", "perceiver"]}
 
 
 # id -> (arguments, expected text in the error line, environment changes, what the output folder holds)
@@ -55,8 +63,18 @@ def _cases(f: dict[str, str], other_checkpoint: str) -> dict[str, tuple[list[str
         "rose-band": (["--rose_lower", "60", "--rose_upper", "40"], "--rose_lower=60.0 is invalid", {}, "absent"),
         "rose-mode": (["--rose_mode", "third"], "--rose_mode='third' is invalid", {}, "absent"),
         "method-name": (["--method", "fgsm"], "--method='fgsm' is invalid", {}, "absent"),
-        "method-value": (["--method", "childtuning-f", "--childtuning_p", "0"], "--childtuning_p=0.0 is invalid",
-                         {}, "absent"),  # fmt: skip
+        "method-value": (
+            ["--method", "childtuning-f", "--childtuning_p", "0"],
+            "--childtuning_p=0.0 is invalid",
+            {},
+            "absent",
+        ),  # fmt: skip
+        "method-r3f-model": (
+            ["--method", "r3f", "--model_name_or_path", f["perceiver"]],
+            "--method r3f perturbs input embeddings, but PerceiverForSequenceClassification takes no inputs_embeds",
+            {},
+            "absent",
+        ),
         "rose-preset": (["--rose_preset", "sst2-huge-first"], "sst2-huge-first", {}, "absent"),
         "no-eligible-tensor": (["--rose_eligibility_regex", "no_such_param"], "selects no", {}, "absent"),
         "unknown-flag": (["--learning_rat", "1e-5"], "unrecognized arguments: --learning_rat", {}, "absent"),

@@ -55,22 +55,34 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "config, accumulation, steps, mode",
-    [("zero0", 1, 8, "ensemble"), ("zero2", 2, 4, "first"), ("zero3", 1, 4, "ensemble")],
+    "config, accumulation, steps, mode, method",
+    [
+        ("zero0", 1, 8, "ensemble", "none"),
+        ("zero2", 2, 4, "first", "none"),
+        ("zero3", 1, 4, "ensemble", "none"),
+        ("zero0", 1, 4, "ensemble", "r3f"),
+        ("zero2", 1, 4, "first", "rdrop"),
+        ("zero1", 1, 4, "second", "childtuning-f"),
+        ("zero3", 2, 4, "ensemble", "childtuning-d"),
+    ],
 )
-def test_trainer_trains_exactly_as_finetune(tmp_path, config, accumulation, steps, mode):
+def test_trainer_trains_exactly_as_finetune(tmp_path, config, accumulation, steps, mode, method):
     """8 steps at ZeRO-0 cross an epoch (96 examples = 6 steps of 2 x 8); accumulation 2 at ZeRO-2 checks
-    that the robust backward sees accelerate's accumulation boundary."""
+    that the robust backward sees accelerate's accumulation boundary. With ``--method`` the composed method
+    runs in both programs too (ChildTuning-D: its Fisher pass over 3 batches, then 2 micro-batches a step)."""
     args = ["--deepspeed", f"ds_configs/{config}.json", "--max_steps", str(steps), "--gradient_accumulation_steps",
-            str(accumulation), "--rose_mode", mode, *COMMON]  # fmt: skip
+            str(accumulation), "--rose_mode", mode, "--method", method, "--childtuning_fisher_batches", "3",
+            "--r3f_eps", "0.05", *COMMON]  # fmt: skip
     run("launch/finetune.py", [*args, "--output_dir", str(tmp_path / "finetune")])
     run("tests/dist/hf_same_order.py", [*args, "--output_dir", str(tmp_path / "trainer"), *TRAINER_ONLY])
     expected = json.loads((tmp_path / "finetune" / "trainer_state.json").read_text())
     got = json.loads((tmp_path / "trainer" / "rose_masks.json").read_text())
+    assert got["method"]["name"] == method and got["method"]["seed"] == 7
     assert got["eligible_tensors"] == expected["eligible_tensors"]
     assert len(got["mask_history"]) == steps
     assert got["mask_history"] == expected["mask_history"]  # every step's mask value of every tensor
-    assert all(sum(m) < len(m) for m in got["mask_history"])  # ROSE really froze tensors at every step
+    # ROSE really froze tensors at every step (ROSE-Second has no momentum at step 1: it keeps all then)
+    assert all(sum(m) < len(m) for m in got["mask_history"][1 if mode == "second" else 0 :])
     a, b = weights(tmp_path / "finetune"), weights(tmp_path / "trainer")
     common = sorted(set(a) & set(b))
     assert len(common) >= 100 and set(a) == set(b)
@@ -97,16 +109,28 @@ def test_trainer_resumes_bit_for_bit(tmp_path):
 
 
 def test_one_process_without_deepspeed(tmp_path):
+    """With ChildTuning-D (weight decay off): only elements of its Fisher mask may move, at most p = 0.3 of
+    the eligible tensors' elements, where ROSE alone moves every element of a kept tensor."""
     out = tmp_path / "plain"
     proc = run("launch/hf_trainer.py", ["--output_dir", str(out), "--max_steps", "3", "--use_cpu", "true",
-                                        "--rose_mode", "second", *COMMON, *TRAINER_ONLY], processes=1)  # fmt: skip
+                                        "--rose_mode", "second", *COMMON, *TRAINER_ONLY, "--weight_decay", "0",
+                                        "--method", "childtuning-d", "--childtuning_fisher_batches", "2"],
+               processes=1)  # fmt: skip
     assert "kept_fraction" in proc.stdout + proc.stderr
+    assert "ChildTuning-D: Fisher information over 2 batches" in proc.stdout
     masks = json.loads((out / "rose_masks.json").read_text())
     assert len(masks["mask_history"]) == 3 and masks["rose"]["mode"] == "second"
+    assert masks["method"]["name"] == "childtuning-d"
     assert sum(masks["mask_history"][-1]) < len(masks["eligible_tensors"])
     evals = json.loads((out / "eval_results.json").read_text())
     assert 0 <= evals["eval_validation_accuracy"] <= 1
-    assert (out / "model.safetensors").is_file()
+    trained = load_file(out / "model.safetensors")
+    pretrained = load_file(Path(embedded_model_path()) / "model.safetensors")
+    eligible = [n for n in masks["eligible_tensors"] if n.removeprefix("bert.") in pretrained]
+    assert len(eligible) == len(masks["eligible_tensors"])
+    moved = sum(int((trained[n] != pretrained[n.removeprefix("bert.")]).sum()) for n in eligible)
+    total = sum(trained[n].numel() for n in eligible)
+    assert 0 < moved <= 0.3 * total + 100, (moved, total)  # (+100: elements tied at the threshold)
 
 
 def test_what_it_cannot_run_is_one_line(tmp_path):
@@ -116,6 +140,7 @@ def test_what_it_cannot_run_is_one_line(tmp_path):
     cases = [
         (["--deepspeed", str(with_optimizer)], 1, "deepspeed", "defines an 'optimizer'; remove it"),
         (["--rose_mode", "fifth", "--use_cpu", "true"], 1, "deepspeed", "--rose_mode='fifth' is invalid"),
+        (["--method", "childtuning-f", "--childtuning_p", "2"], 1, "deepspeed", "--childtuning_p=2.0 is invalid"),
         (["--use_cpu", "true"], 2, "torchrun", "on 2 processes needs DeepSpeed"),
     ]
     for extra, processes, launcher, message in cases:

@@ -91,21 +91,72 @@ METHOD_CASES = [(m, s, "ensemble", 1) for m in ("rdrop", "r3f", "childtuning-f")
 METHOD_CASES += [(m, 2, mode, 1) for m in ("rdrop", "r3f", "childtuning-f") for mode in ("none", "first", "second")]
 METHOD_CASES += [("rdrop", 1, "ensemble", 2), ("r3f", 3, "ensemble", 2), ("childtuning-f", 2, "first", 2)]
 for _m, _s, _mode, _g in METHOD_CASES:
-    EXTRA_CASES[2].append(_case(f"method-{_m}-s{_s}-{_mode}-gas{_g}", stage=_s, gas=_g, loss="rose", dropout=0.1,
-                                rose={"mode": _mode, "upper": 70}, method={"name": _m, "r3f_eps": 0.05, "seed": 3}))
-EXTRA_CASES[2].append(_case("method-childtuning-f-s3-element", stage=3, loss="rose", dropout=0.1,
-                            rose=ROSE["element"], method={"name": "childtuning-f", "seed": 3}))
+    EXTRA_CASES[2].append(
+        _case(
+            f"method-{_m}-s{_s}-{_mode}-gas{_g}",
+            stage=_s,
+            gas=_g,
+            loss="rose",
+            dropout=0.1,
+            rose={"mode": _mode, "upper": 70},
+            method={"name": _m, "r3f_eps": 0.05, "seed": 3},
+        )
+    )
+EXTRA_CASES[2].append(
+    _case(
+        "method-childtuning-f-s3-element",
+        stage=3,
+        loss="rose",
+        dropout=0.1,
+        rose=ROSE["element"],
+        method={"name": "childtuning-f", "seed": 3},
+    )
+)
 # ChildTuning-D: the Fisher pass (3 global batches, dropout off) and its fixed mask, every stage and mode
 for _s in range(4):
-    EXTRA_CASES[2].append(_case(f"method-childtuning-d-s{_s}-ensemble-gas1", stage=_s, loss="rose", dropout=0.1,
-                                rose={"mode": "ensemble", "upper": 70}, method={"name": "childtuning-d"}))
+    EXTRA_CASES[2].append(
+        _case(
+            f"method-childtuning-d-s{_s}-ensemble-gas1",
+            stage=_s,
+            loss="rose",
+            dropout=0.1,
+            rose={"mode": "ensemble", "upper": 70},
+            method={"name": "childtuning-d"},
+        )
+    )
 for _mode in ("none", "first", "second"):
-    EXTRA_CASES[2].append(_case(f"method-childtuning-d-s2-{_mode}-gas1", stage=2, loss="rose", dropout=0.1,
-                                rose={"mode": _mode, "upper": 70}, method={"name": "childtuning-d"}))
-EXTRA_CASES[2].append(_case("method-childtuning-d-s3-ensemble-gas2", stage=3, gas=2, loss="rose", dropout=0.1,
-                            rose={"mode": "ensemble", "upper": 70}, method={"name": "childtuning-d"}))
-EXTRA_CASES[2].append(_case("method-childtuning-d-offload-s2", stage=2, offload=True, loss="rose", dropout=0.1,
-                            rose={"mode": "ensemble", "upper": 70}, method={"name": "childtuning-d"}))
+    EXTRA_CASES[2].append(
+        _case(
+            f"method-childtuning-d-s2-{_mode}-gas1",
+            stage=2,
+            loss="rose",
+            dropout=0.1,
+            rose={"mode": _mode, "upper": 70},
+            method={"name": "childtuning-d"},
+        )
+    )
+EXTRA_CASES[2].append(
+    _case(
+        "method-childtuning-d-s3-ensemble-gas2",
+        stage=3,
+        gas=2,
+        loss="rose",
+        dropout=0.1,
+        rose={"mode": "ensemble", "upper": 70},
+        method={"name": "childtuning-d"},
+    )
+)
+EXTRA_CASES[2].append(
+    _case(
+        "method-childtuning-d-offload-s2",
+        stage=2,
+        offload=True,
+        loss="rose",
+        dropout=0.1,
+        rose={"mode": "ensemble", "upper": 70},
+        method={"name": "childtuning-d"},
+    )
+)
 
 # World-size change: 3 steps saved on 2 ranks (micro-batch 3) and on 3 ranks (micro-batch 2), same global
 # batch of 6; resumed for 2 more steps on 3 and on 2 ranks through DeepSpeed's universal checkpoint.
