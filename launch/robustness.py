@@ -8,10 +8,10 @@
 same split the run evaluated on, rebuilt from its ``run_config.json``) with ``rose_ds.attacks``.
 ``evaluate`` does, for every run folder under ``DIR/train``: both attacks, the sharpness
 (``rose_ds.analysis.sharpness``) on the first ``--eval_samples`` validation examples and, for the
-first seed of each method, the 1-D/2-D loss surfaces; one ``DIR/robustness/<run>.json`` per run
-(finished runs are skipped, so it resumes). ``report`` writes ``DIR/results.md``,
-``DIR/results.json``, ``DIR/results.png`` (per-metric means with seed spread) and
-``DIR/landscape.png``. Single-sentence tasks only (the attacks edit one text). One process, CPU or
+first seed of each ROSE mode (runs without ``--method``), the 1-D/2-D loss surfaces; one
+``DIR/robustness/<run>.json`` per run (finished runs are skipped, so it resumes). ``report`` writes
+``DIR/results.md``, ``DIR/results.json``, ``DIR/results.png`` (per-metric means with seed spread)
+and ``DIR/landscape.png``. Single-sentence tasks only (the attacks edit one text). One process, CPU or
 the accelerator.
 """
 
@@ -126,7 +126,8 @@ def evaluate_runs(root: Path, examples: int, surface: int, eval_samples: int | N
     runs = sorted(p for p in (root / "train").iterdir() if p.is_dir())
     if not runs:
         fail(f"no runs in {root / 'train'}; train them first (launch/reproduce.sh)")
-    # surfaces for the first seed of each method, whichever runs this process is given
+    # surfaces for the first seed of each ROSE mode (not of the --method runs: 6 min each on 2 cores, and
+    # the methods' rows compare accuracies), whichever runs this process is given
     first_seed = min(json.loads((r / "run_config.json").read_text())["args"]["seed"] for r in runs
                      if (r / "run_config.json").is_file())  # fmt: skip
     if only:
@@ -165,7 +166,7 @@ def evaluate_runs(root: Path, examples: int, surface: int, eval_samples: int | N
         record.update(sharpness=sharp["sharpness"], sharpness_std=sharp["sharpness_std"], base_loss=sharp["base_loss"],
                       sharpness_rho=rho, sharpness_samples=samples,
                       sharpness_examples=sum(len(b["labels"]) for b in batches))  # fmt: skip
-        if args.seed == first_seed and surface > 1:
+        if args.seed == first_seed and surface > 1 and args.method == "none":
             record["landscape"] = analysis.landscape(model, batches, steps=surface, span=span, seed=seed)
         record["seconds"] = time.perf_counter() - start
         tmp = out.with_suffix(".tmp")
