@@ -179,6 +179,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _number(mean: float, std: float, n: int, digits: int, sign: str = "") -> str:
+    """``mean ± std``; one seed has no spread to show, so only its value."""
+    text = f"{mean:{sign}.{digits}f}"
+    return text if n < 2 else f"{text} ± {std:.{digits}f}"
+
+
 def report(root: Path) -> dict:
     records = [json.loads(p.read_text()) for p in sorted((root / "robustness").glob("*.json"))]
     if not records:
@@ -220,7 +226,7 @@ def report(root: Path) -> dict:
             scale = 1 if key.endswith(("words", "sharpness", "loss")) else 100
             digits = {"sharpness": 4, "train_loss": 3}.get(key, 2)
             mean, std = _mean_std(diffs) if diffs else (0.0, 0.0)
-            cells.append(f"{mean * scale:+.{digits}f} ± {std * scale:.{digits}f}" if diffs else "-")
+            cells.append(_number(mean * scale, std * scale, len(diffs), digits, "+") if diffs else "-")
         on_top.append(f"| {METHODS[method]} vs {METHODS[base_method]} | " + " | ".join(cells) + " |")
     lines = ["| method | seeds | " + " | ".join(title for _, title, _ in METRICS) + " |",
              "|---|---|" + "---|" * len(METRICS)]  # fmt: skip
@@ -230,16 +236,18 @@ def report(root: Path) -> dict:
             cell = table[method][key]
             scale = 1 if key.endswith(("words", "sharpness", "loss")) else 100
             digits = {"sharpness": 4, "train_loss": 3}.get(key, 2)
-            text = f"{cell['mean'] * scale:.{digits}f} ± {cell['std'] * scale:.{digits}f}"
+            n = len(cell["values"])
+            text = _number(cell["mean"] * scale, cell["std"] * scale, n, digits)
             if "diff_vs_vanilla" in cell:
                 d = cell["diff_vs_vanilla"]
-                text += f" ({d['mean'] * scale:+.{digits}f} ± {d['std'] * scale:.{digits}f})"
+                text += f" ({_number(d['mean'] * scale, d['std'] * scale, n, digits, '+')})"
             cells.append(text)
         lines.append(f"| {METHODS[method]} | {len(table[method]['seeds'])} | " + " | ".join(cells) + " |")
     note = (
         "Mean ± standard deviation over seeds; accuracies, rates and the kept fraction (mean c of the eligible "
         "tensors over the logged steps) in %, sharpness as a loss increase, train loss the mean of the last 5 "
-        "logged values. In parentheses: the paired difference to vanilla (same seed), mean ± std over seeds."
+        "logged values. In parentheses: the paired difference to vanilla (same seed), mean ± std over seeds. "
+        "A row of one seed shows its value (no spread)."
     )
     kinds = kept_by_kind(root, records, methods)
     kinds_note = ("Kept (mean c, %) per kind of eligible tensor over all steps, layers and seeds; changes per step: "
