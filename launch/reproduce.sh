@@ -9,7 +9,7 @@
 # Finished stages are kept: re-running continues where it stopped. REDUCED=1 is the CI smoke version
 # (2 methods, 1 seed, a few steps and examples): it checks that every stage produced its numbers.
 #
-#   bash launch/reproduce.sh                  # the full table (about 2.5 hours on 2 CPU cores, evaluation included)
+#   bash launch/reproduce.sh                  # the full table (about 8 hours on 2 CPU cores, evaluation included)
 #   OUT=runs/smoke REDUCED=1 bash launch/reproduce.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

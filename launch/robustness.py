@@ -306,7 +306,7 @@ def _plot_metrics(table: dict, methods: list[str], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(3.2 * len(METRICS) / 2, 6.4), layout="constrained")
+    fig = Figure(figsize=(3.2 * len(METRICS) / 2, 8.0), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, (len(METRICS) + 1) // 2).ravel()
     for ax, (key, title, higher) in zip(axes, METRICS):
@@ -314,7 +314,8 @@ def _plot_metrics(table: dict, methods: list[str], path: Path) -> None:
             cell = table[method][key]
             ax.bar(i, cell["mean"], yerr=cell["std"], capsize=3, color=f"C{i}")
             ax.scatter([i] * len(cell["values"]), cell["values"], color="black", s=8, zorder=3)
-        ax.set_xticks(range(len(methods)), [METHODS[m] for m in methods], rotation=30, fontsize=7)
+        # vertical names: with the methods' rows there are up to 12 bars per panel
+        ax.set_xticks(range(len(methods)), [METHODS[m] for m in methods], rotation=90, fontsize=7)
         better = "" if higher is None else f" ({'higher' if higher else 'lower'} is better)"
         ax.set_title(title + better, fontsize=8)
     fig.savefig(path, dpi=110)
