@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import itertools
 import json
 import logging
@@ -253,9 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.device("meta"):  # parameter names without weights: the rule is judged before the load
             skeleton = AutoModelForSequenceClassification.from_config(model_config)
         rose_ds.selection.eligible_names([n for n, _ in skeleton.named_parameters()], rose)
-        if method.name == "r3f" and "inputs_embeds" not in inspect.signature(skeleton.forward).parameters:
-            fail(f"--method r3f perturbs input embeddings, but {type(skeleton).__name__} takes no inputs_embeds; "
-                 "use another --method or model")  # fmt: skip
+        if why := rose_methods.unsupported(method, skeleton):
+            fail(why)
     except rose_ds.NoEligibleTensorError as err:
         fail(str(err))
     except (ValueError, KeyError) as err:  # no sequence-classification class for this architecture

@@ -13,7 +13,6 @@ AdvGLUE SST-2.
 
 from __future__ import annotations
 
-import inspect
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -134,9 +133,6 @@ def main(argv: list[str] | None = None, trainer_class: type[RoseTrainer] = RoseT
         )  # fmt: skip
     except UnsupportedConfigError as err:  # one line, before any training
         sys.exit(f"hf_trainer.py: error: {err}")
-    if method.name == "r3f" and "inputs_embeds" not in inspect.signature(trainer.model.forward).parameters:
-        sys.exit(f"hf_trainer.py: error: --method r3f perturbs input embeddings, but {type(trainer.model).__name__} "
-                 "takes no inputs_embeds; use another --method or model")  # fmt: skip
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)  # a checkpoint-N folder
     trainer.save_model()
     metrics = trainer.evaluate()

@@ -71,8 +71,8 @@ class RoseTrainer(Trainer):
         **kwargs: ``Trainer`` keyword arguments. ``optimizers`` must not carry an optimizer.
 
     Raises:
-        rose_ds.UnsupportedConfigError: a DeepSpeed config ROSE cannot run exactly, or several
-            processes without DeepSpeed (one line, with the fix).
+        rose_ds.UnsupportedConfigError: a DeepSpeed config ROSE cannot run exactly, several
+            processes without DeepSpeed, or a method the model cannot run (one line, with the fix).
     """
 
     def __init__(
@@ -96,6 +96,8 @@ class RoseTrainer(Trainer):
                 f"RoseTrainer on {self.args.world_size} processes needs DeepSpeed (ROSE needs the robust gradient "
                 "reduced across ranks); pass --deepspeed ds_configs/zero0.json or another config"
             )
+        if why := rose_methods.unsupported(self.method, self.model):
+            raise zero.UnsupportedConfigError(why)
         self.add_callback(_MaskRecorder(self))
 
     @property

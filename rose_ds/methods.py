@@ -23,6 +23,7 @@ gradient mask works on any view of a tensor's elements given where the view star
 
 from __future__ import annotations
 
+import inspect
 import math
 import zlib
 from collections.abc import Mapping, Sequence
@@ -168,6 +169,15 @@ def method_losses(
                       passes[1] if clean == 2 else None)  # fmt: skip
 
 
+def unsupported(method: MethodConfig, model: Any) -> str | None:
+    """Why ``method`` cannot run on ``model`` (one line naming the fix), or ``None`` when it can. R3F
+    feeds noisy input embeddings, so the model's ``forward`` must take ``inputs_embeds``."""
+    if method.name == "r3f" and "inputs_embeds" not in inspect.signature(model.forward).parameters:
+        return (f"--method r3f perturbs input embeddings, but {type(model).__name__} takes no inputs_embeds; "
+                "use another --method or model")  # fmt: skip
+    return None
+
+
 def loss_fn(method: MethodConfig):
     """A ``loss_fn`` for :func:`rose_ds.train_step`: ``(model, inputs, labels, two_passes) -> RoseLosses``,
     where ``two_passes`` (set by ``train_step``) says whether ROSE needs the robust loss."""
@@ -258,4 +268,5 @@ __all__ = [
     "r3f_kl",
     "rdrop_kl",
     "tensor_key",
+    "unsupported",
 ]

@@ -600,8 +600,10 @@ class ZeroBinding:
         if opt.method.fixed_mask:  # ChildTuning-D: this rank's eligible segments, masked by the Fisher pass
             for _, fs, grads in stash:
                 for flat, grad in zip(fs, grads):
+                    if grad is None:
+                        continue
                     child = opt.state[flat]["child_mask"]
-                    for start, numel, idx in self._segments[id(flat)] if grad is not None else []:
+                    for start, numel, idx in self._segments[id(flat)]:
                         if idx >= 0 and numel > 0:
                             grad.narrow(0, start, numel).mul_(child.narrow(0, start, numel))
         if opt.method.masks_gradients:  # ChildTuning-F: each rank masks its own elements, as one process would
