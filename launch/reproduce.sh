@@ -11,16 +11,18 @@
 #
 #   bash launch/reproduce.sh                  # the full table (about 8 hours on 2 CPU cores, evaluation included)
 #   OUT=runs/smoke REDUCED=1 bash launch/reproduce.sh
+#   LR=1e-4 MODES= SEEDS="2 3" PREVIOUS=docs/robustness/results.json bash launch/reproduce.sh
+#                                             # finish the table's seeds 2-3 of the methods on another machine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python)}
 BIN=$(dirname "$PY")
 OUT=${OUT:-runs/robustness}
 if [[ "${REDUCED:-0}" == 1 ]]; then
-    SEEDS=${SEEDS:-1} MODES=${MODES:-"none ensemble"} STEPS=${STEPS:-6} EXAMPLES=${EXAMPLES:-12} LRS=${LRS:-1e-4}
+    SEEDS=${SEEDS:-1} MODES=${MODES-"none ensemble"} STEPS=${STEPS:-6} EXAMPLES=${EXAMPLES:-12} LRS=${LRS:-1e-4}
     SURFACE=${SURFACE:-3} EVAL_SAMPLES=${EVAL_SAMPLES:-64} METHODS=${METHODS-"rdrop"}
 else
-    SEEDS=${SEEDS:-"1 2 3"} MODES=${MODES:-"none first second ensemble"} STEPS=${STEPS:-200}
+    SEEDS=${SEEDS:-"1 2 3"} MODES=${MODES-"none first second ensemble"} STEPS=${STEPS:-200}
     EXAMPLES=${EXAMPLES:-80} SURFACE=${SURFACE:-7} EVAL_SAMPLES=${EVAL_SAMPLES:-} LRS=${LRS:-"1e-4 3e-4"}
     METHODS=${METHODS-"rdrop r3f childtuning-f childtuning-d"}
 fi
@@ -44,19 +46,24 @@ train() {  # train MODE SEED LR DIR [METHOD]
 }
 
 first_seed=${SEEDS%% *}
-for lr in $LRS; do
-    train none "$first_seed" "$lr" "$OUT/select/lr$lr"
-done
-LR=$("$PY" -c '
+GIVEN_LR=${LR:-}
+if [[ -n "$GIVEN_LR" ]]; then  # chosen before (e.g. on another machine): no selection runs
+    echo "learning rate: $LR (given)"
+else
+    for lr in $LRS; do
+        train none "$first_seed" "$lr" "$OUT/select/lr$lr"
+    done
+    LR=$("$PY" -c '
 import json, sys
 runs = {lr: json.load(open(f"{sys.argv[1]}/select/lr{lr}/eval_results.json"))["eval_accuracy"] for lr in sys.argv[2:]}
 print(max(runs, key=lambda lr: (runs[lr], -float(lr))))' "$OUT" $LRS)
-echo "learning rate: $LR (best clean validation accuracy of vanilla, seed $first_seed, among $LRS)"
+    echo "learning rate: $LR (best clean validation accuracy of vanilla, seed $first_seed, among $LRS)"
+fi
 echo "$LR" > "$OUT/learning_rate"
 for seed in $SEEDS; do
     for mode in $MODES; do
         run="$OUT/train/$mode-seed$seed"
-        if [[ $mode == none && $seed == "$first_seed" && ! -e $run ]]; then
+        if [[ $mode == none && $seed == "$first_seed" && -z "$GIVEN_LR" && ! -e $run ]]; then
             ln -s "../select/lr$LR" "$run"  # the selection run is this run
         fi
         train "$mode" "$seed" "$LR" "$run"
@@ -69,5 +76,5 @@ done
 echo "train: $(( $(date +%s) - start )) s"
 # one process now: let it use every core
 OMP_NUM_THREADS=${EVAL_THREADS:-$(nproc)} "$PY" launch/robustness.py evaluate "$OUT" --examples "$EXAMPLES" --surface "$SURFACE" ${EVAL_SAMPLES:+--eval_samples "$EVAL_SAMPLES"}
-"$PY" launch/robustness.py report "$OUT"
+"$PY" launch/robustness.py report "$OUT" ${PREVIOUS:+--previous "$PREVIOUS"}
 echo "total: $(( $(date +%s) - start )) s"

@@ -185,17 +185,22 @@ def _number(mean: float, std: float, n: int, digits: int, sign: str = "") -> str
     return text if n < 2 else f"{text} ± {std:.{digits}f}"
 
 
-def report(root: Path) -> dict:
+def report(root: Path, previous: Path | None = None) -> dict:
+    if not root.is_dir():
+        fail(f"{root}: no such folder; give the experiment folder (launch/reproduce.sh's OUT)")
     records = [json.loads(p.read_text()) for p in sorted((root / "robustness").glob("*.json"))]
-    if not records:
+    if not records and previous is None:
         fail(f"no results in {root / 'robustness'}; run `robustness.py evaluate {root}` first")
     for record in records:  # from the training log: how much ROSE froze, and how far training got
-        logs = [
-            json.loads(line) for line in (root / "train" / record["run"] / "metrics.jsonl").read_text().splitlines()
-        ]
+        run_dir = root / "train" / record["run"]
+        logs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         logs = [x for x in logs if "loss" in x]
         record["kept_fraction"] = statistics.fmean(x["kept_fraction"] for x in logs)
         record["train_loss"] = statistics.fmean(x["loss"] for x in logs[-5:])
+        if record["method"] != "none":
+            record["kinds"] = kinds_of_run(run_dir)
+    if previous is not None:
+        records += earlier_records(previous, {(r["method"], r["seed"]) for r in records})
     methods = [m for m in METHODS if any(r["method"] == m for r in records)]
     table: dict[str, dict] = {}
     for method in methods:
@@ -204,6 +209,7 @@ def report(root: Path) -> dict:
         for key, _, _ in METRICS:
             values = [r[key] for r in rows if r.get(key) is not None]
             table[method][key] = {"values": values, "mean": _mean_std(values)[0], "std": _mean_std(values)[1]}
+        table[method]["kinds"] = [{"seed": r["seed"], **r["kinds"]} for r in rows if "kinds" in r]
     # Paired by seed: a method and vanilla share the seed's data split, order and initialisation.
     for method in methods:
         for key, _, _ in METRICS:
@@ -249,9 +255,10 @@ def report(root: Path) -> dict:
         "logged values. In parentheses: the paired difference to vanilla (same seed), mean ± std over seeds. "
         "A row of one seed shows its value (no spread)."
     )
-    kinds = kept_by_kind(root, records, methods)
-    kinds_note = ("Kept (mean c, %) per kind of eligible tensor over all steps, layers and seeds; changes per step: "
-                  "the fraction of eligible tensors whose c differs from the previous step (%).")  # fmt: skip
+    kinds = kept_by_kind(table, methods)
+    kinds_note = ("Kept (mean c, %) per kind of eligible tensor over all steps, layers and seeds (those whose "
+                  "training folder the report has read); changes per step: the fraction of eligible tensors whose c "
+                  "differs from the previous step (%).")  # fmt: skip
     if on_top:
         header = "| ROSE on top of a method | " + " | ".join(title for _, title, _ in METRICS) + " |"
         on_top = [
@@ -281,25 +288,57 @@ def _kind(name: str) -> str:
     return next((label for key, label in KINDS if key in name), "other")
 
 
-def kept_by_kind(root: Path, records: list[dict], methods: list[str]) -> str:
-    """How often each kind of eligible tensor was updated (mean c over steps, layers and seeds), from the
-    mask history the program keeps in trainer_state.json: does ROSE select dynamically, or always the same?"""
-    rows, labels = [], [label for _, label in KINDS]
+def kinds_of_run(run_dir: Path) -> dict[str, float]:
+    """How often each kind of eligible tensor was updated in one run (mean c over its steps and layers), and
+    how often a mask changed, from the mask history the program keeps in trainer_state.json."""
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    history = torch.tensor(state["mask_history"], dtype=torch.float64)  # steps x tensors
+    per_kind: dict[str, list[float]] = {}
+    for j, name in enumerate(state["eligible_tensors"]):
+        per_kind.setdefault(_kind(name), []).append(float(history[:, j].mean()))
+    kinds = {label: statistics.fmean(values) for label, values in per_kind.items()}
+    kinds["changes per step"] = float((history[1:] != history[:-1]).double().mean())
+    return kinds
+
+
+def kept_by_kind(table: dict, methods: list[str]) -> str:
+    """The per-kind table over the seeds that have a kind summary: does ROSE select dynamically, or always
+    the same? (Every seed has the same tensors of each kind, so the mean of the seeds' means is the mean
+    over all tensors.)"""
+    labels = [label for _, label in KINDS] + ["changes per step"]
+    rows = []
     for method in methods:
-        if method == "none":
+        seeds = table[method]["kinds"]
+        if method == "none" or not seeds:
             continue
-        sums: dict[str, list[float]] = {label: [] for label in labels}
-        flips = []
-        for record in (r for r in records if r["method"] == method):
-            state = json.loads((root / "train" / record["run"] / "trainer_state.json").read_text())
-            history = torch.tensor(state["mask_history"], dtype=torch.float64)  # steps x tensors
-            for j, name in enumerate(state["eligible_tensors"]):
-                sums.setdefault(_kind(name), []).append(float(history[:, j].mean()))
-            flips.append(float((history[1:] != history[:-1]).double().mean()))
-        cells = [f"{100 * statistics.fmean(sums[label]):.0f}" if sums[label] else "-" for label in labels]
-        rows.append(f"| {METHODS[method]} | " + " | ".join(cells) + f" | {100 * statistics.fmean(flips):.1f} |")
-    head = "| method | " + " | ".join(labels) + " | changes per step |"
-    return "\n".join([head, "|---|" + "---|" * (len(labels) + 1), *rows])
+        cells = [f"{100 * statistics.fmean(s[label] for s in seeds):.{1 if label == labels[-1] else 0}f}"
+                 if all(label in s for s in seeds) else "-" for label in labels]  # fmt: skip
+        rows.append(f"| {METHODS[method]} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(["| method | seeds | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels), *rows])
+
+
+def earlier_records(path: Path, have: set[tuple[str, int]]) -> list[dict]:
+    """The per-seed values of an earlier ``results.json`` as records, for the (row, seed) pairs not in
+    ``have``: a table can be finished on another machine, whose runs folder holds only the new seeds."""
+    try:
+        table = json.loads(path.read_text())
+        rows = [(method, row["seeds"], row) for method, row in table.items() if method in METHODS]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        fail(f"--previous {path}: not a results.json written by `robustness.py report` ({error})")
+    records = []
+    for method, seeds, row in rows:
+        kinds = {k["seed"]: k for k in row.get("kinds", [])}
+        for i, seed in enumerate(seeds):
+            if (method, seed) in have:
+                continue
+            record = {"method": method, "seed": seed, "from": str(path)}
+            # a metric some seed lacked (None) has fewer values than seeds: which is whose is then unknown
+            record.update({key: row[key]["values"][i] for key, _, _ in METRICS
+                           if key in row and len(row[key]["values"]) == len(seeds)})  # fmt: skip
+            if seed in kinds:
+                record["kinds"] = {k: v for k, v in kinds[seed].items() if k != "seed"}
+            records.append(record)
+    return records
 
 
 def _plot_metrics(table: dict, methods: list[str], path: Path) -> None:
@@ -343,6 +382,8 @@ def main(argv: list[str] | None = None) -> None:
                        "between processes); default: all")  # fmt: skip
     rep = sub.add_parser("report", help="the table and plots from DIR/robustness", allow_abbrev=False)
     rep.add_argument("root", type=Path, help="the experiment folder")
+    rep.add_argument("--previous", type=Path, default=None, help="an earlier results.json: its seeds of a row "
+                     "that DIR has no record of are added (finish a table on another machine)")  # fmt: skip
     cli = parser.parse_args(argv)
     for name in ("examples", "surface", "eval_samples", "sharpness_samples", "rho", "span"):
         value = getattr(cli, name, 1)
@@ -358,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         evaluate_runs(cli.root, cli.examples, cli.surface, cli.eval_samples, cli.seed, cli.rho, cli.sharpness_samples,
                       cli.span, cli.runs)  # fmt: skip
     else:
-        report(cli.root)
+        report(cli.root, cli.previous)
 
 
 if __name__ == "__main__":

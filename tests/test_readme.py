@@ -71,7 +71,7 @@ def test_every_robustness_flag_and_reproduce_variable_is_documented():
     command = {"one": "attack", "every": "evaluate"}
     assert [f for p, f in flags if f"`{command[p]} {f}`" not in section] == []
     script = (ROOT / "launch" / "reproduce.sh").read_text()
-    variables = set(re.findall(r"\$\{(\w+):-", script)) - {"OMP_NUM_THREADS"}
+    variables = set(re.findall(r"\$\{([A-Z_]+):?[-+]", script)) - {"OMP_NUM_THREADS"}
     assert {"OUT", "SEEDS", "MODES", "STEPS", "LRS", "EXAMPLES", "SURFACE"} <= variables
     assert [v for v in sorted(variables) if f"`{v}`" not in section] == []
 

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,21 @@ def test_reduced_pipeline_trains_attacks_measures_and_reports(tmp_path):
     assert "diff_vs_method" in results["rdrop+ensemble"]["clean_accuracy"]
     for png in ("results.png", "landscape.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a table finished on another machine: there, a runs folder with one of the runs (its record and the
+    # training logs the report reads) and the earlier table as --previous give the same table
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "robustness").mkdir(parents=True)
+    (elsewhere / "train" / "rdrop-seed1").mkdir(parents=True)
+    shutil.copy(out / "robustness" / "rdrop-seed1.json", elsewhere / "robustness")
+    for name in ("metrics.jsonl", "trainer_state.json"):
+        shutil.copy(out / "train" / "rdrop-seed1" / name, elsewhere / "train" / "rdrop-seed1")
+    script = str(ROOT / "launch" / "robustness.py")
+    merged = subprocess.run([sys.executable, script, "report", str(elsewhere), "--previous", str(out / "results.json")],
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert json.loads((elsewhere / "results.json").read_text()) == results
+    assert results["rdrop+ensemble"]["kinds"][0]["seed"] == 1  # the per-seed kind summary travels too
+    assert (elsewhere / "results.md").read_text() == table
     # a second run finds every stage done and only reports again
     again = subprocess.run(["bash", str(ROOT / "launch" / "reproduce.sh")], env=env, capture_output=True, text=True,
                            timeout=600)  # fmt: skip
@@ -81,6 +97,8 @@ def test_robustness_bad_input_is_one_line(tmp_path):
     for args, expected in (
         (["attack", str(tmp_path)], "holds no finished launch/finetune.py run"),
         (["evaluate", str(tmp_path), "--rho", "-1"], "--rho must be > 0"),
+        (["report", str(tmp_path), "--previous", str(tmp_path / "results.json")], "--previous"),
+        (["report", str(tmp_path / "absent")], "no such folder"),
     ):
         done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300)
         lines = [line for line in done.stderr.splitlines() if "robustness.py: error:" in line]
