@@ -197,7 +197,7 @@ def report(root: Path, previous: Path | None = None) -> dict:
         logs = [x for x in logs if "loss" in x]
         record["kept_fraction"] = statistics.fmean(x["kept_fraction"] for x in logs)
         record["train_loss"] = statistics.fmean(x["loss"] for x in logs[-5:])
-        if record["method"] != "none":
+        if record["method"].rpartition("+")[2] in set(ROSE_NAMES) - {"none"}:  # a run with ROSE masks
             record["kinds"] = kinds_of_run(run_dir)
     if previous is not None:
         records += earlier_records(previous, {(r["method"], r["seed"]) for r in records})
@@ -309,7 +309,7 @@ def kept_by_kind(table: dict, methods: list[str]) -> str:
     rows = []
     for method in methods:
         seeds = table[method]["kinds"]
-        if method == "none" or not seeds:
+        if not seeds:
             continue
         cells = [f"{100 * statistics.fmean(s[label] for s in seeds):.{1 if label == labels[-1] else 0}f}"
                  if all(label in s for s in seeds) else "-" for label in labels]  # fmt: skip
