@@ -11,7 +11,9 @@ same split the run evaluated on, rebuilt from its ``run_config.json``) with ``ro
 first seed of each ROSE mode (runs without ``--method``), the 1-D/2-D loss surfaces; one
 ``DIR/robustness/<run>.json`` per run (finished runs are skipped, so it resumes). ``report`` writes
 ``DIR/results.md``, ``DIR/results.json``, ``DIR/results.png`` (per-metric means with seed spread)
-and ``DIR/landscape.png``. Single-sentence tasks only (the attacks edit one text). One process, CPU or
+and ``DIR/landscape.png``; with ``--previous OLD/results.json`` it adds the seeds of the earlier table that
+``DIR`` has no record of (a table finished on another machine: runs folders do not travel, a results.json
+holds every seed's values). Single-sentence tasks only (the attacks edit one text). One process, CPU or
 the accelerator.
 """
 
