@@ -273,9 +273,19 @@ def test_a_loss_that_turns_nan_stops_with_the_step_and_the_last_good_checkpoint(
     assert len(losses) == step + 2 and all(math.isfinite(x) for x in losses)
 
 
+def _fp16_supported() -> bool:
+    """Whether the accelerator DeepSpeed selects here does fp16 (a CPU does where oneDNN has fp16 kernels:
+    x86 with AVX512-FP16 or AMX-FP16)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
+@pytest.mark.skipif(not _fp16_supported(), reason="this machine's accelerator (CPU: AVX512-FP16 or AMX-FP16) has "
+                    "no fp16 support")  # fmt: skip
 def test_fp16_overflow_steps_are_skipped_and_counted_then_stop(tmp_path):
-    """fp16 (DeepSpeed's loss scaler; it runs on this CPU too): overflowing steps are skipped and counted in
-    metrics.jsonl; --max_nonfinite_steps of them in a row stop the run."""
+    """fp16 (DeepSpeed's loss scaler; it runs on a CPU with fp16 support too): overflowing steps are skipped and
+    counted in metrics.jsonl; --max_nonfinite_steps of them in a row stop the run."""
     out = tmp_path / "run"
     proc = _run_case(["--fp16", "--learning_rate", "1e30", "--max_grad_norm", "0", "--max_nonfinite_steps", "3",
                       "--logging_steps", "1", "--max_steps", "10"], {}, out)  # fmt: skip
@@ -283,3 +293,13 @@ def test_fp16_overflow_steps_are_skipped_and_counted_then_stop(tmp_path):
     assert "NaN/inf at step 4 (3 step(s) in a row); last good checkpoint: none" in _error_line(proc)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records] == [0, 1, 2]
+
+
+@pytest.mark.skipif(_fp16_supported(), reason="this machine's accelerator has fp16 support: nothing to refuse")
+def test_fp16_on_an_accelerator_without_it_is_refused_before_anything_is_written(tmp_path):
+    """An accelerator without fp16 (most CPUs) gets one line pointing to --bf16, not a DeepSpeed traceback."""
+    out = tmp_path / "run"
+    proc = _run_case(["--fp16"], {}, out)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--fp16: the cpu accelerator has no fp16 support; use --bf16 or no flag" in _error_line(proc)
+    assert not out.exists()

@@ -270,9 +270,11 @@ def test_soak_hundreds_of_steps_with_saves_and_a_resume_leak_nothing(tmp_path):
     assert "resumed from" in log and "finished 300 steps" in log
     assert sorted(p.name for p in out.glob("global_step*")) == ["global_step275", "global_step300"]
     report = []
-    for launch, data in (("first", first), ("resumed", samples)):
+    for launch, data, last in (("first", first, 150), ("resumed", samples, 300)):
         for rank, rows in sorted(data.items()):
-            steady = [r for r in rows if r[0] >= 20]  # after warm-up: allocator pools and caches filled
+            # after warm-up (allocator pools and caches filled) and before the finish, which happens once: the
+            # export and training.png (matplotlib's font files) open a few files while the process ends
+            steady = [r for r in rows if 20 <= r[0] < last]
             half = len(steady) // 2
             early, late = steady[:half], steady[half:]
             assert len(early) >= 10, f"too few samples ({len(steady)})"
