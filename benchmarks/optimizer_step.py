@@ -6,6 +6,9 @@ and the two RMSNorm weights; >= 100M elements) is stepped by
 * torch.optim.AdamW on the flat tensor (foreach, and fused where torch has it for the device),
 * the second-order floor: torch's fused AdamW plus a ``dot`` over the gradient and one over the
   momentum, the two extra reads that a per-tensor ``||g_t||`` and ``||m_{t-1}||`` cannot avoid,
+* the second-order statistics alone: the squared norms of every tensor's gradient and momentum as
+  rose_ds takes them (fp32 over blocks of 2^18 elements, fp64 across blocks) and as one fp32 ``dot``
+  per tensor would (faster, but 3e-3 off at 1e8 elements),
 * element granularity (second-order, one global band over all the shard's elements through
   ``rose_ds.radix``): the selection alone, and selection plus the element-masked update,
 * RoseAdamW's ZeRO path, foreach and fused: the masked update over segment views, with every tensor
@@ -141,7 +144,23 @@ def main() -> None:
 
         return step
 
+    def norms_only(blocked: bool):
+        """The second-order score's statistics alone: squared norms of every segment of g and m."""
+        _, m, _ = shared
+
+        def step():
+            if blocked:  # rose_ds: fp32 over blocks of 2^18 elements, fp64 across blocks (~1e-8 relative)
+                _index_sum_of_squares([(i, grad.narrow(0, s, n)) for s, n, i in segments], n_elig)
+                _index_sum_of_squares([(i, m.narrow(0, s, n)) for s, n, i in segments], n_elig)
+            else:  # one fp32 dot per segment (3e-3 relative error at 1e8 elements)
+                for x in (grad, m):
+                    torch.stack([torch.dot(x.narrow(0, s, n), x.narrow(0, s, n)) for s, n, _ in segments])
+
+        return step
+
     variants = dict(torch_variants, **floor_variant)
+    variants["norms only: g and m, blocked fp64 sums (rose_ds)"] = norms_only(blocked=True)
+    variants["norms only: g and m, one fp32 dot per tensor"] = norms_only(blocked=False)
     variants["RoseAdamW element second-order selection only"] = element_step(update=False)
     variants["RoseAdamW element second-order step"] = element_step(update=True)
     for fused in (False, True):

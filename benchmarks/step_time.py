@@ -43,13 +43,13 @@ from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 from worker import ByteCounter  # noqa: E402  (tests/dist/worker.py: counts bytes per collective)
 
 import rose_ds  # noqa: E402
+import rose_ds.zero  # noqa: E402
 from rose_ds import RoseConfig, methods  # noqa: E402
 from rose_ds.losses import task_loss  # noqa: E402
 from rose_ds.methods import MethodConfig  # noqa: E402
 
 if get_accelerator().device_name() == "cpu":
-    # only inference uses DeepSpeed's shared-memory all-reduce op; skip its JIT build (minutes)
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    rose_ds.zero.skip_shm_comm_build()  # inference-only op: skip its JIT build (minutes)
 
 LR, BETAS, EPS, WD = 2e-5, (0.9, 0.98), 1e-6, 0.01
 VARIANTS = ("vanilla", "second", "first", "ensemble", "two-pass")

@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     if get_accelerator().device_name() == "cpu":
         # On CPU, init_distributed JIT-compiles DeepSpeed's shared-memory all-reduce op (minutes on a
         # fresh machine); only inference uses it, so training skips the build.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        rose_zero.skip_shm_comm_build()
     deepspeed.init_distributed(distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     rank, world = dist.get_rank(), dist.get_world_size()
     # before the first collective: NCCL refuses ranks of one node that share a device

@@ -24,7 +24,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
 from accelerate import PartialState
 from deepspeed.accelerator import get_accelerator
@@ -232,7 +231,7 @@ def join_cpu_processes() -> bool:
                        ("MASTER_PORT", "29500")):  # fmt: skip
         os.environ.setdefault(key, value)
     # as launch/finetune.py: skip the JIT build (minutes) of a shared-memory op only inference uses
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    zero.skip_shm_comm_build()
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # read by PartialState, as TrainingArguments sets it
     try:
         PartialState(backend="gloo")

@@ -224,8 +224,17 @@ class RoseAdamW(torch.optim.Optimizer):
             masks the gradient before scoring and stepping; D's mask is set once by
             :meth:`set_childtuning_d_fisher`). ``MethodConfig()`` (none) when omitted.
 
+    Parameters with ``requires_grad=False`` (frozen embeddings, a LoRA model's base weights) may be
+    passed: they are never eligible, scored, stepped or given state. A trainable tensor without a
+    gradient at a step (an unused branch) is left out of that step's band and update, as
+    ``torch.optim.AdamW`` leaves it. The step count ``t`` is the optimizer's, not a tensor's.
+
     Attributes:
-        last_mask: ``{parameter name: c}`` of the eligible tensors at the last step.
+        last_mask: ``{parameter name: c}`` of the eligible tensors at the last step (those that had
+            a gradient).
+        last_statistics: float64 ``(3, #eligible)`` tensor of the last tensor-granularity step's
+            squared norms (robust gradient, task gradient, momentum ``m_{t-1}``), in
+            :attr:`eligible_names` order; NaN where the mode did not need one. None before.
 
     Raises:
         TypeError: when parameters come without names.
@@ -260,14 +269,14 @@ class RoseAdamW(torch.optim.Optimizer):
         self.method = method if method is not None else MethodConfig()
         self.foreach = foreach
         self.fused = fused
-        names: list[str] = []
+        names: list[str] = []  # of the trainable tensors: a frozen one is never scored, stepped or given state
         for group in self.param_groups:
             if "param_names" not in group:
                 raise TypeError(
                     "RoseAdamW needs parameter names to decide eligibility: pass model.named_parameters() "
                     "or param groups with (name, tensor) pairs or a 'param_names' list"
                 )
-            names.extend(group["param_names"])
+            names.extend(n for p, n in zip(group["params"], group["param_names"]) if p.requires_grad)
         # every tensor's name: ChildTuning-F hashes it (ZeRO's fp32 master copies are added at binding)
         self._names: dict[Tensor, str] = {
             p: n for group in self.param_groups for p, n in zip(group["params"], group["param_names"])
@@ -278,10 +287,11 @@ class RoseAdamW(torch.optim.Optimizer):
         self._eligible_names: list[str] = []
         for group in self.param_groups:
             for p, name in zip(group["params"], group["param_names"]):
-                if name in chosen:
+                if name in chosen and p.requires_grad:
                     self._eligible[p] = len(self._eligible_names)
                     self._eligible_names.append(name)
         self.last_mask: dict[str, float] = {}
+        self.last_statistics: Tensor | None = None
         self._robust_sq: Tensor | None = None  # from capture_robust_grads() without a loss
         self._robust_grads: list[Tensor | None] | None = None  # from capture_robust_grads(loss)
 
@@ -311,7 +321,7 @@ class RoseAdamW(torch.optim.Optimizer):
         """
         if not needs_robust_gradient(self.rose):
             return
-        params = sorted(self._eligible, key=self._eligible.__getitem__)  # score-vector order
+        params = self._by_index()
         if loss_rob is None:
             if self._robust_sq is not None or self._robust_grads is not None:
                 raise RuntimeError(
@@ -349,7 +359,8 @@ class RoseAdamW(torch.optim.Optimizer):
         # State first, also for ZeRO's partitions: DeepSpeed links their fragments after each call.
         for group in self.param_groups:
             for p in group["params"]:
-                self._init_state(p)
+                if p.grad is not None:  # frozen tensors get none
+                    self._init_state(p)
         binding = getattr(self, "_binding", None)
         if getattr(self, "_await_binding", False):
             return loss  # DeepSpeed's initialisation step (zero gradients): state only
@@ -372,8 +383,8 @@ class RoseAdamW(torch.optim.Optimizer):
         if self.rose.granularity == "element":
             self._element_step(t)
             return loss
-        coefficients = self._select(t)
-        self.last_mask = dict(zip(self._eligible_names, coefficients.tolist()))
+        coefficients = self._select(t)  # {eligible index: c} of the tensors with a gradient
+        self.last_mask = {self._eligible_names[i]: c for i, c in sorted(coefficients.items())}
 
         for group in self.param_groups:
             entries = [(p, self.state[p]) for p in group["params"] if p.grad is not None]
@@ -387,7 +398,7 @@ class RoseAdamW(torch.optim.Optimizer):
                 [p.grad for p, _ in entries],
                 [s["exp_avg"] for _, s in entries],
                 [s["exp_avg_sq"] for _, s in entries],
-                [float(coefficients[self._eligible[p]]) if p in self._eligible else 1.0 for p, _ in entries],
+                [coefficients[self._eligible[p]] if p in self._eligible else 1.0 for p, _ in entries],
                 t,
             )
         self._robust_sq = None
@@ -396,27 +407,28 @@ class RoseAdamW(torch.optim.Optimizer):
 
     def _element_step(self, t: int) -> None:
         """Element granularity: a coefficient per element of every eligible tensor."""
-        params = sorted(self._eligible, key=self._eligible.__getitem__)  # score-vector order
+        params = [p for p in self._by_index() if p.grad is not None]  # score-vector order
         robust = None
         if needs_robust_gradient(self.rose) and masking_active(self.rose, t):
-            robust = self._robust_grads
-            if robust is None:
+            captured = self._robust_grads
+            if captured is None:
                 raise RuntimeError(
                     f"RoseAdamW(mode={self.rose.mode!r}) step {t}: no robust gradient was captured; call "
                     "opt.capture_robust_grads() after loss_rob.backward(retain_graph=True), before step()"
                 )
+            robust = [captured[self._eligible[p]] for p in params]
             robust = [torch.zeros_like(p) if g is None else g for p, g in zip(params, robust)]
         grads = momenta = None
         if needs_second_order(self.rose, t):
-            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            grads = [p.grad for p in params]
             momenta = [self.state[p]["exp_avg"] for p in params]
         masks = element_coefficients(self.rose, t, robust, grads, momenta)
         by_param = {} if masks is None else dict(zip(params, masks))
+        names = [self._eligible_names[self._eligible[p]] for p in params]
         if masks is None:
-            self.last_mask = dict.fromkeys(self._eligible_names, 1.0)
+            self.last_mask = dict.fromkeys(names, 1.0)
         else:  # per tensor: the mean coefficient of its elements
-            self.last_mask = {n: float(c.sum(dtype=torch.float64) / c.numel()) for n, c in zip(self._eligible_names,
-                              masks)}  # fmt: skip
+            self.last_mask = {n: float(c.sum(dtype=torch.float64) / c.numel()) for n, c in zip(names, masks)}
         for group in self.param_groups:
             entries = [(p, self.state[p]) for p in group["params"] if p.grad is not None]
             for _, state in entries:
@@ -457,7 +469,7 @@ class RoseAdamW(torch.optim.Optimizer):
         threshold. Dense use (one process, or ZeRO-0 through :func:`rose_ds.childtuning_d`)."""
         if not self.method.fixed_mask:
             raise ValueError(f"set_childtuning_d_fisher: the method is {self.method.name!r}, not 'childtuning-d'")
-        params = sorted(self._eligible, key=self._eligible.__getitem__)
+        params = self._by_index()
         masks, threshold = childtuning_d_masks(fisher, self.method.childtuning_p)
         for p, mask in zip(params, masks, strict=True):
             self._init_state(p)
@@ -465,33 +477,44 @@ class RoseAdamW(torch.optim.Optimizer):
         return threshold
 
     def _global_step(self) -> int:
-        """Steps taken so far (the counter is global: frozen tensors advance it too)."""
-        for state in self.state.values():
-            if "step" in state:
-                return int(state["step"])
-        return 0
+        """Optimizer steps taken so far: the largest ``step`` in the state. Every tensor stepped at
+        step ``t`` holds ``t`` (a masked one too), a frozen tensor holds no state at all, and every
+        checkpoint path restores these counts, so the count is the optimizer's whatever tensor
+        comes first."""
+        return max((int(s["step"]) for s in self.state.values() if "step" in s), default=0)
 
-    def _select(self, t: int) -> Tensor:
+    def _by_index(self) -> list[Tensor]:
+        """The eligible tensors in score-vector order."""
+        return sorted(self._eligible, key=self._eligible.__getitem__)
+
+    def _select(self, t: int) -> dict[int, float]:
+        """``{eligible index: c}`` for the eligible tensors that have a gradient this step."""
         cfg = self.rose
-        n = len(self._eligible_names)
-        if not masking_active(cfg, t) or n == 0:
-            return mask_coefficients(cfg, t, n)
-        params = list(self._eligible)
+        eligible = self._by_index()
+        live = [i for i, p in enumerate(eligible) if p.grad is not None]
+        params = [eligible[i] for i in live]
+        if not masking_active(cfg, t) or not live:
+            return dict.fromkeys(live, 1.0)
+        stats = torch.full((3, len(self._eligible_names)), float("nan"), dtype=torch.float64)
         robust_sq = grad_sq = momentum_sq = None
         if needs_robust_gradient(cfg):
             if self._robust_grads is not None:
-                robust_sq = _squared_norms(self._robust_grads)
+                robust_sq = _squared_norms([self._robust_grads[i] for i in live])
             elif self._robust_sq is not None:
-                robust_sq = self._robust_sq
+                robust_sq = self._robust_sq[live]
             else:
                 raise RuntimeError(
                     f"RoseAdamW(mode={cfg.mode!r}) step {t}: no robust gradient was captured; call "
                     "opt.capture_robust_grads() after loss_rob.backward(retain_graph=True), before step()"
                 )
+            stats[0, live] = robust_sq
         if needs_second_order(cfg, t):
             grad_sq = _squared_norms([p.grad for p in params])
             momentum_sq = _squared_norms([self.state[p]["exp_avg"] for p in params])
-        return mask_coefficients(cfg, t, n, robust_sq, grad_sq, momentum_sq)
+            stats[1, live], stats[2, live] = grad_sq, momentum_sq
+        self.last_statistics = stats
+        c = mask_coefficients(cfg, t, len(live), robust_sq, grad_sq, momentum_sq)
+        return dict(zip(live, c.tolist()))
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state plus ``rose``: the configuration and the last mask."""
@@ -517,16 +540,58 @@ def _squared_norms(tensors: Sequence[Tensor | None]) -> Tensor:
     return out
 
 
-def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
-    """Squared L2 norm of each tensor as a float64 CPU vector, accumulated in fp32 (also for bf16/fp16).
+# Elements per fp32 partial sum. One fp32 accumulation over a whole tensor loses digits as the
+# tensor grows (BLAS dot: 2e-6 relative error at 1e6 elements, 3e-3 at 1e8, 8e-2 at 1e9); partial
+# sums over short blocks, added in fp64, keep the error of one block at any size: measured 4e-10
+# (fp32 data) and 6e-8 (fp32 data of bf16 precision, whose rounding is biased) from 1e6 to 1e9
+# elements. On the CPU the blocks are the rows of one batched BLAS product per tensor, 1.1-1.5x the
+# time of a single dot (2^12-element rows: 6e-7; 2^9 is where both errors are smallest); elsewhere
+# one _foreach_norm launch over 2^18-element blocks.
+CPU_NORM_BLOCK = 1 << 9
+NORM_BLOCK = 1 << 18
 
-    fp32 CPU tensors go through BLAS ``dot(x, x)``, which streams memory about twice as fast as
-    ``_foreach_norm`` on the CPU (benchmarks/RESULTS.md) and is bit-reproducible run to run; other
-    devices and dtypes use one ``_foreach_norm`` launch for the whole list. A squared norm beyond
-    fp32's range (a norm above 1.8e19) is inf, which the selection freezes like any infinite score.
+
+def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
+    """Squared L2 norm of each tensor as a float64 CPU vector, for any size, dtype and device.
+
+    Each tensor is cut into short blocks whose squares are summed in fp32 (bf16/fp16 are widened
+    exactly; fp64 stays fp64), and the blocks' sums are added in fp64, so the relative error stays
+    below 1e-7 from a few elements to 1e9 and beyond (``tests/test_optim.py`` checks it at 2e8; a
+    single fp32 accumulation is off by 3e-3 at 1e8 elements). On the CPU the blocks are the
+    :data:`CPU_NORM_BLOCK`-element rows of one BLAS batched product per tensor, which costs what one
+    ``dot`` over the tensor nearly costs (benchmarks/RESULTS.md); other devices use one ``_foreach_norm``
+    launch over the :data:`NORM_BLOCK`-element blocks of all tensors. A block sum beyond fp32's range
+    (squares above 3.4e38) is inf, which the selection freezes like any infinite score.
     """
-    if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
-        flat = [t.reshape(-1) for t in tensors]
-        return torch.stack([x.dot(x) for x in flat]).to(torch.float64)
-    norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
-    return torch.stack(norms).to(device="cpu", dtype=torch.float64) ** 2
+    out = torch.zeros(len(tensors), dtype=torch.float64)
+    if not tensors:
+        return out
+    if all(t.device.type == "cpu" for t in tensors):
+        for i, t in enumerate(tensors):
+            out[i] = _cpu_sum_of_squares(t.contiguous().view(-1))
+        return out
+    blocks: list[Tensor] = []
+    owner: list[int] = []
+    for i, t in enumerate(tensors):
+        pieces = t.reshape(-1).split(NORM_BLOCK)
+        blocks.extend(pieces)
+        owner.extend([i] * len(pieces))
+    norms = torch._foreach_norm(blocks, 2, dtype=torch.float32)
+    sums = torch.stack(norms).to(device="cpu", dtype=torch.float64).square()
+    return out.index_add_(0, torch.tensor(owner, dtype=torch.long), sums)
+
+
+def _cpu_sum_of_squares(flat: Tensor) -> Tensor:
+    if flat.dtype not in (torch.float32, torch.float64):  # bf16/fp16: widened exactly, a block at a time
+        scratch = torch.empty(min(flat.numel(), NORM_BLOCK), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float64)
+        for block in flat.split(NORM_BLOCK):
+            total += _cpu_sum_of_squares(scratch[: block.numel()].copy_(block))
+        return total
+    rows = flat.numel() // CPU_NORM_BLOCK
+    tail = flat[rows * CPU_NORM_BLOCK :]
+    total = tail.dot(tail).to(torch.float64)
+    if rows:
+        body = flat[: rows * CPU_NORM_BLOCK].view(rows, 1, CPU_NORM_BLOCK)
+        total = total + torch.bmm(body, body.transpose(1, 2)).to(torch.float64).sum()
+    return total

@@ -51,6 +51,43 @@ class UnsupportedConfigError(ValueError):
     """A DeepSpeed configuration under which ROSE cannot select exactly (one line, with the fix)."""
 
 
+# The DeepSpeed releases whose internals this module was read against and tested with (setup.cfg pins
+# the same range): [first tested, first untested).
+TESTED_DEEPSPEED = ("0.19.8", "0.20")
+# DeepSpeed's shared-memory all-reduce op, used only by inference all-reduce, JIT-compiled on the CPU
+# by init_distributed (2-4 minutes on a fresh machine) unless marked incompatible.
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def check_deepspeed_version(version: str | None = None) -> None:
+    """Refuses a DeepSpeed outside :data:`TESTED_DEEPSPEED` (the installed one by default): a change in
+    its gradient stores would not fail loudly, it would select from the wrong numbers.
+
+    Raises:
+        UnsupportedConfigError: one line naming the installed version and the tested range.
+    """
+    from packaging.version import Version
+
+    version = deepspeed.__version__ if version is None else version
+    low, high = TESTED_DEEPSPEED
+    if not Version(low) <= Version(Version(version).base_version) < Version(high):
+        raise UnsupportedConfigError(
+            f"deepspeed {version} is installed, but rose_ds relies on DeepSpeed internals tested with "
+            f"deepspeed>={low},<{high}; install that range: pip install 'deepspeed>={low},<{high}'"
+        )
+
+
+def skip_shm_comm_build() -> bool:
+    """Marks DeepSpeed's inference-only shared-memory op as not to be built (training never uses it);
+    call before ``deepspeed.init_distributed`` on a CPU. Returns whether the op was found: a DeepSpeed
+    that renamed it would build it (slowly, but nothing goes wrong)."""
+    ops = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if not isinstance(ops, dict) or SHM_COMM_OP not in ops:
+        return False
+    ops[SHM_COMM_OP] = False
+    return True
+
+
 def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two named param groups as Hugging Face's Trainer makes them: decay on weights, none on biases
     and normalisation weights (any module whose class name contains ``Norm``)."""
@@ -134,6 +171,7 @@ def prepare_config(ds_config: dict[str, Any]) -> None:
     Raises:
         UnsupportedConfigError: one line naming the setting and the fix.
     """
+    check_deepspeed_version()
     if "optimizer" in ds_config:
         raise UnsupportedConfigError(
             "the DeepSpeed config defines an 'optimizer'; remove it: rose_ds installs RoseAdamW as the optimizer"
@@ -316,6 +354,7 @@ class ZeroBinding:
     def __init__(self, engine, opt: RoseAdamW) -> None:
         from deepspeed.runtime.pipe.engine import PipelineEngine
 
+        check_deepspeed_version()
         if isinstance(engine, PipelineEngine):
             raise UnsupportedConfigError(
                 "pipeline-parallel engines are not supported by rose_ds; use ZeRO data parallel"
@@ -335,6 +374,11 @@ class ZeroBinding:
         self._robust_store: dict[Any, Any] = {}  # accumulated robust gradient between micro-batches
         self._micro = 0  # micro-batches seen in the current accumulation window
         self._stash: list[tuple[dict[str, Any], list[Tensor], list[Tensor | None]]] = []
+        self.offload = False
+        # stages 1/2: groups whose reduced gradient DeepSpeed accumulates in a compact fp32 partition
+        # held in averaged_gradients[i] (bf16/fp16 with data_types.grad_accum_dtype 'fp32')
+        self._compact: dict[int, bool] = {}
+        self._grad_accum_attr = False  # stage 1 accumulates in param.grad_accum, not param.grad
         self.flat = self.stage > 0
         _require(engine, "basic_optimizer", "is_gradient_accumulation_boundary")
         if self.stage == 0:
@@ -376,11 +420,16 @@ class ZeroBinding:
         _require(
             zo, "bit16_groups", "single_partition_of_fp32_groups", "params_in_partition", "averaged_gradients",
             "all_grad_tensors", "parallel_partitioned_bit16_groups", "real_dp_process_group", "dp_process_group",
-            "cpu_offload", "loss_scale",
+            "cpu_offload", "loss_scale", "use_grad_accum_attribute", "_use_compact_grad_partition_buffer",
         )  # fmt: skip
         self.offload = bool(zo.cpu_offload)
         if self.offload:
             _require(zo, "accumulated_grads_in_cpu")
+        self._grad_accum_attr = bool(zo.use_grad_accum_attribute)
+        if self._grad_accum_attr:
+            for p in self._model_params:
+                _require(p, "grad_accum")
+        self._compact = {i: bool(zo._use_compact_grad_partition_buffer(i)) for i in range(len(zo.bit16_groups))}
         self.group = zo.dp_process_group
         self._flats: list[Tensor] = list(zo.single_partition_of_fp32_groups)
         self._segments: dict[int, list[tuple[int, int, int]]] = {}
@@ -395,6 +444,9 @@ class ZeroBinding:
                 frag = lp._hp_mapping  # tensor_fragment: where lp's elements sit in this rank's partition
                 if frag is None:
                     continue
+                _require(frag, "hp_fragment_address", "lp_fragment_address")
+                _require(frag.hp_fragment_address, "start", "numel")
+                _require(frag.lp_fragment_address, "start")
                 start, numel = frag.hp_fragment_address.start, frag.hp_fragment_address.numel
                 segments.append((start, numel, self._index_of.get(lp, -1)))
                 named.append((start, numel, self._names[lp], frag.lp_fragment_address.start))
@@ -423,6 +475,8 @@ class ZeroBinding:
                 )
             segments, named, offset = [], [], 0
             for p in params:
+                _require(p, "ds_tensor", "ds_numel")
+                _require(p.ds_tensor, "ds_numel")
                 per_rank = p.ds_tensor.ds_numel  # each rank holds ceil(numel / world) elements, tail-padded
                 valid = max(0, min(per_rank, p.ds_numel - rank * per_rank))
                 segments.append((offset, valid, self._index_of.get(p, -1)))
@@ -460,9 +514,11 @@ class ZeroBinding:
         if boundary:
             self._set_robust_statistics(self._reduced_robust_fragments())
             if self.stage in (1, 2) and not self.offload:
-                # The task backward must build its own reduced partition, not add into this one.
+                # The task backward must build its own reduced partition, not add into this one (a
+                # compact partition is a store of its own: swapped back below).
                 for i in range(len(self.zo.bit16_groups)):
-                    self.zo.averaged_gradients[i] = None
+                    if not self._compact[i]:
+                        self.zo.averaged_gradients[i] = None
         robust = self._swap_stores(task)
         self._robust_store = {} if boundary else robust
 
@@ -505,20 +561,28 @@ class ZeroBinding:
     def _swap_stores(self, store: dict[Any, Any]) -> dict[Any, Any]:
         """Puts ``store`` where DeepSpeed accumulates gradients and returns what was there.
 
-        Stages 0 and 1 keep un-reduced gradients in ``p.grad`` until the boundary; stage 2 keeps
-        reduced partitions in ``all_grad_tensors``; offload keeps ``accumulated_grads_in_cpu``.
-        Only references move: nothing is copied.
+        Stages 0 and 1 keep un-reduced gradients in ``p.grad`` until the boundary (stage 1 with a
+        separate accumulation dtype: in ``p.grad_accum``); stage 2 keeps reduced partitions in
+        ``all_grad_tensors``, or, with fp32 accumulation of bf16/fp16 gradients, in a compact fp32
+        partition held in ``averaged_gradients``; offload keeps ``accumulated_grads_in_cpu``. Only
+        references move: nothing is copied.
         """
         previous: dict[Any, Any] = {}
         if self.stage in (0, 1):
             for p in self._model_params:
                 previous[p] = p.grad
                 p.grad = store.get(p)
+                if self._grad_accum_attr:
+                    previous["accum", p] = p.grad_accum
+                    p.grad_accum = store.get(("accum", p))
         if self.stage in (1, 2) and self.offload:
             previous["offload"] = self.zo.accumulated_grads_in_cpu
             self.zo.accumulated_grads_in_cpu = store.get("offload", {})
-        elif self.stage == 2:
-            for i in range(len(self.zo.bit16_groups)):
+        for i, compact in self._compact.items():  # stages 1 and 2 only
+            if compact:  # (under offload too: the boundary copies it to the CPU)
+                previous["compact", i] = self.zo.averaged_gradients.get(i)
+                self.zo.averaged_gradients[i] = store.get(("compact", i))
+            elif self.stage == 2 and not self.offload:
                 previous[i] = self.zo.all_grad_tensors.get(i)
                 self.zo.all_grad_tensors[i] = store.get(i)
         return previous
@@ -529,14 +593,19 @@ class ZeroBinding:
         back. The graph is not retained: the task loss is recomputed (see :func:`backward`), and
         that forward advances ``micro_step_id``, so the task backward adds to what is put back."""
         buffer = self.zo.grad_partitions_flat_buffer  # all local gradient partitions, flat order
-        snapshot = None if self.zo.micro_step_id == 0 else buffer.clone()
+        snapshot = None
+        if self.zo.micro_step_id > 0:
+            # Taken out rather than subtracted afterwards: in bf16, (task + robust) - task cancels a
+            # small robust gradient against a large accumulated task one. From zero, DeepSpeed's add
+            # leaves this micro-batch's robust gradient alone, rounded as any gradient is.
+            snapshot = buffer.clone()
+            buffer.zero_()
         self.engine.backward(loss_rob)
-        if snapshot is None and boundary and not self._robust_store:
-            robust = buffer  # accumulation 1: read in place before the buffer is cleared below
-        else:
-            delta = buffer if snapshot is None else buffer - snapshot
+        if boundary and not self._robust_store:
+            robust = buffer  # one micro-batch: read in place before the buffer is reset below
+        else:  # the robust sum over micro-batches is kept in fp32, whatever DeepSpeed accumulates in
             robust = self._robust_store.get("grads")
-            robust = delta.clone() if robust is None else robust.add_(delta)
+            robust = buffer.to(torch.float32, copy=True) if robust is None else robust.add_(buffer)
         if boundary:
             self._set_robust_statistics(
                 [(idx, robust.narrow(0, start, numel)) for start, numel, idx in self._buffer_segments if idx >= 0]
@@ -554,12 +623,28 @@ class ZeroBinding:
         if self.stage == 0:
             return [(i, p.grad) for p, i in self._index_of.items() if p.grad is not None]
         if not self.offload:
-            return [
-                (self._index_of[lp], g)
-                for i in range(len(self.zo.bit16_groups))
-                for lp, g in zip(self.zo.params_in_partition[i], self.zo.averaged_gradients[i])
-                if lp in self._index_of
-            ]
+            fragments = []
+            for i, flat in enumerate(self._flats):
+                grads = self.zo.averaged_gradients[i]
+                if self._compact[i]:  # one flat fp32 partition laid out as the fp32 master partition
+                    _require(grads, "flat_partition")
+                    part = grads.flat_partition
+                    fragments += [(idx, part.narrow(0, a, n)) for a, n, idx in self._segments[id(flat)] if idx >= 0]
+                    continue
+                # one view per parameter of the partition, with zero-padding views between them (marked)
+                # and, on the last rank, one unmarked trailing padding tensor
+                params = self.zo.params_in_partition[i]
+                views = [g for g in grads if not getattr(g, "_zero_padding", False)]
+                for lp, g in zip(params, views):
+                    if g.numel() != lp._hp_mapping.hp_fragment_address.numel:
+                        raise RuntimeError(
+                            f"rose_ds: DeepSpeed's reduced gradient of {self._names[lp]} has {g.numel()} elements "
+                            f"where its partition holds {lp._hp_mapping.hp_fragment_address.numel}: the gradient "
+                            f"layout of deepspeed {deepspeed.__version__} is not the one rose_ds was tested with"
+                        )
+                    if lp in self._index_of:
+                        fragments.append((self._index_of[lp], g))
+            return fragments
         # offload: the boundary copies the reduced partition into the flat .grad buffer
         return [
             (idx, flat.grad.narrow(0, start, numel))
@@ -739,6 +824,12 @@ class ZeroBinding:
         # The only communication selection adds: 3 x #eligible float64 values.
         dist.all_reduce(stats, group=self.group)
         stats = stats.cpu()
+        recorded = stats.clone()  # RoseAdamW.last_statistics: NaN where the mode needs no norm
+        if not robust_needed:
+            recorded[0] = float("nan")
+        if not second:
+            recorded[1:] = float("nan")
+        self.opt.last_statistics = recorded
         return mask_coefficients(cfg, t, n, stats[0], stats[1], stats[2])
 
     def _recopy_to_model(self, flat: Tensor) -> None:
@@ -763,9 +854,10 @@ def _require(obj: Any, *names: str) -> None:
     """Fails at bind time, naming the attribute, when DeepSpeed no longer has what rose_ds relies on."""
     for name in names:
         if not hasattr(obj, name):
+            low, high = TESTED_DEEPSPEED
             raise UnsupportedConfigError(
-                f"rose_ds relies on {type(obj).__name__}.{name} (deepspeed 0.19.x), which deepspeed "
-                f"{deepspeed.__version__} lacks; install deepspeed>=0.19,<0.20"
+                f"rose_ds relies on {type(obj).__name__}.{name} (deepspeed>={low},<{high}), which deepspeed "
+                f"{deepspeed.__version__} lacks; install deepspeed>={low},<{high}"
             )
 
 

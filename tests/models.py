@@ -29,6 +29,24 @@ def tiny_bert(dropout: float = 0.1, seed: int = 0, num_labels: int = 2, hidden: 
     return model
 
 
+# Frozen in frozen_bert: the first parameter (whose optimizer state once gave RoseAdamW its step count)
+# and two eligible tensors, as partial fine-tuning or LoRA leave a model.
+FROZEN = (
+    "bert.embeddings.word_embeddings.weight",
+    "bert.encoder.layer.0.attention.self.query.weight",
+    "bert.encoder.layer.1.output.LayerNorm.weight",
+)
+
+
+def frozen_bert(**kwargs):
+    """tiny_bert with the parameters in FROZEN frozen (requires_grad=False): 14 eligible tensors."""
+    model = tiny_bert(**kwargs)
+    for name, p in model.named_parameters():
+        if name in FROZEN:
+            p.requires_grad_(False)
+    return model
+
+
 def random_batch(step: int, batch_size: int = 8, seq_len: int = 12, num_labels: int = 2):
     g = torch.Generator().manual_seed(1000 + step)
     ids = torch.randint(1, 64, (batch_size, seq_len), generator=g)

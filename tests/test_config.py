@@ -1,6 +1,7 @@
 """RoseConfig validation and eligibility rules on real Hugging Face architectures' parameter names."""
 
 import pytest
+import torch
 import transformers
 
 from rose_ds import NoEligibleTensorError, RoseAdamW, RoseConfig, RoseConfigError
@@ -126,3 +127,27 @@ def test_optimizer_refuses_a_rule_that_selects_nothing():
     with pytest.raises(NoEligibleTensorError, match="selects no parameter"):
         RoseAdamW(model.named_parameters(), rose=RoseConfig(mode="ensemble"))
     assert len(RoseAdamW(model.named_parameters(), rose=RoseConfig(eligibility="gpt2")).eligible_names) == 6
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt2"])
+def test_what_the_readme_says_of_decoder_eligibility(family):
+    """README: on Llama, Qwen2 and Mistral the original rule selects exactly the llama preset's tensors
+    (every block weight, norms included; no embedding, final norm or head); GPT-2 needs its preset."""
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=64)  # fmt: skip
+    config = {
+        "llama": lambda: transformers.LlamaConfig(**small),
+        "qwen2": lambda: transformers.Qwen2Config(**small),
+        "mistral": lambda: transformers.MistralConfig(**small),
+        "gpt2": lambda: transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=64),
+    }[family]()
+    for auto in (transformers.AutoModelForSequenceClassification, transformers.AutoModelForCausalLM):
+        with torch.device("meta"):
+            names = [n for n, _ in auto.from_config(config).named_parameters()]
+        preset = eligible_names(names, RoseConfig(eligibility="gpt2" if family == "gpt2" else "llama"))
+        assert len(preset) == (12 if family == "gpt2" else 18)
+        if family == "gpt2":
+            with pytest.raises(NoEligibleTensorError):
+                eligible_names(names, RoseConfig(eligibility="original"))
+        else:
+            assert eligible_names(names, RoseConfig(eligibility="original")) == preset

@@ -152,3 +152,34 @@ def test_what_it_cannot_run_is_one_line(tmp_path):
         # no traceback from the program (torchrun prints its own ChildFailedError summary when a rank exits 1)
         assert 'hf_trainer.py", line' not in proc.stderr and "rose_ds/" not in proc.stderr
         assert not (out / "model.safetensors").exists() and not list(out.glob("checkpoint-*"))
+
+
+def test_frozen_parameters_leave_the_step_count_and_selection_alone(tmp_path):
+    """RoseTrainer on a model with frozen parameters (FROZEN: the first one and two eligible tensors):
+    they are not selected among and never move, and the step count moves, so ROSE-Second starts masking
+    after its two warm-up steps (with a step count stuck at 1 it never would)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from datasets import Dataset
+    from models import FROZEN, frozen_bert, random_batch
+    from transformers import TrainingArguments
+
+    from rose_ds import RoseConfig
+    from rose_ds.hf import RoseTrainer
+
+    inputs, labels = random_batch(0, batch_size=48)
+    data = Dataset.from_dict({**{k: v.tolist() for k, v in inputs.items()}, "labels": labels.tolist()})
+    model = frozen_bert(dropout=0.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in FROZEN}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=8, learning_rate=2e-3,
+                             use_cpu=True, report_to="none", disable_tqdm=True, save_strategy="no",
+                             dataloader_pin_memory=False, seed=7)  # fmt: skip
+    trainer = RoseTrainer(model=model, args=args, train_dataset=data,
+                          rose=RoseConfig(mode="second", upper=70, warmup_steps=2))  # fmt: skip
+    trainer.train()
+    assert len(trainer.eligible_names) == 14 and not set(FROZEN) & set(trainer.eligible_names)
+    history = trainer.mask_history
+    assert len(history) == 5 and set(history[0]) == set(history[1]) == {1.0}
+    assert all(0.0 in masks for masks in history[2:])
+    for name, p in model.named_parameters():
+        if name in FROZEN:
+            assert torch.equal(p, before[name]) and p not in trainer.rose_optimizer.state

@@ -38,7 +38,7 @@ def test_deepspeed_example_runs_on_two_processes(tmp_path):
     script = tmp_path / "ds_example.py"
     # The CPU accelerator JIT-builds an inference-only op at start-up (minutes on a fresh machine);
     # the test skips it, the README code stays as users run it.
-    script.write_text('import deepspeed\ndeepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False\n' + code)
+    script.write_text("import rose_ds.zero\nrose_ds.zero.skip_shm_comm_build()\n" + code)
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(script)]  # fmt: skip

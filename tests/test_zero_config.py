@@ -7,6 +7,7 @@ import pytest
 from models import tiny_bert
 
 import rose_ds
+import rose_ds.zero
 from rose_ds import RoseConfig
 
 
@@ -46,6 +47,38 @@ def test_every_private_deepspeed_attribute_is_checked_at_bind_time():
         required.update(re.findall(r'"(\w+)"', call))
     public = {"optimizer", "state", "param_groups"}
     assert used - required - public == set(), f"unchecked DeepSpeed internals: {sorted(used - required - public)}"
+    # DeepSpeed's private attributes on parameters, their fragments and gradient buffers
+    private = {"_hp_mapping", "hp_fragment_address", "lp_fragment_address", "ds_tensor", "ds_numel", "grad_accum",
+               "flat_partition"}  # fmt: skip
+    checked = {n for call in re.findall(r"_require\((.*?)\)", source, re.S) for n in re.findall(r'"(\w+)"', call)}
+    used = {n for n in re.findall(r"\.(\w+)\b", source) if n in private}
+    assert used and used - checked == set(), f"unchecked DeepSpeed internals: {sorted(used - checked)}"
+
+
+@pytest.mark.parametrize("version", ["0.18.9", "0.19.7", "0.20.0", "1.0.0"])
+def test_deepspeed_outside_the_tested_range_stops_at_start(version):
+    with pytest.raises(rose_ds.UnsupportedConfigError) as err:
+        rose_ds.zero.check_deepspeed_version(version)
+    message = str(err.value)
+    assert "\n" not in message and version in message and "deepspeed>=0.19.8,<0.20" in message
+
+
+def test_the_installed_deepspeed_is_in_the_tested_range_and_setup_cfg_pins_it():
+    import deepspeed
+
+    rose_ds.zero.check_deepspeed_version()  # what prepare_config and the binding call
+    for version in ("0.19.8", "0.19.9", "0.19.8+cpu", deepspeed.__version__):
+        rose_ds.zero.check_deepspeed_version(version)
+    setup = (Path(rose_ds.__file__).parents[1] / "setup.cfg").read_text()
+    low, high = rose_ds.zero.TESTED_DEEPSPEED
+    assert f"deepspeed>={low},<{high}" in setup
+
+
+def test_the_shm_op_switch_finds_the_op_it_switches_off():
+    import deepspeed
+
+    assert rose_ds.zero.skip_shm_comm_build() is True
+    assert deepspeed.ops.__compatible_ops__[rose_ds.zero.SHM_COMM_OP] is False
 
 
 def test_known_deepspeed_keys_are_deepspeed_s_and_the_shipped_configs_pass():
