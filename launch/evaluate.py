@@ -17,9 +17,10 @@ from pathlib import Path
 from deepspeed.accelerator import get_accelerator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from finetune import Args, evaluate, load_data, metrics_of  # noqa: E402
+from rose_ds.training import RecipeError
+from rose_ds.training.args import FinetuneArgs
+from rose_ds.training.data import load_task
+from rose_ds.training.evaluation import evaluate_all
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -38,7 +39,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if not config_file.is_file():
         sys.exit(f"evaluate.py: error: {config_file} not found: pass a finetune.py --output_dir or a checkpoint in it")
     run = json.loads(config_file.read_text())
-    args = Args(**run["args"])
+    try:
+        args = FinetuneArgs(**run["args"])
+    except RecipeError as err:
+        sys.exit(f"evaluate.py: error: {config_file}: {err}")
     if cli.adv_file is not None:
         args.adv_file = cli.adv_file
     if cli.max_eval_samples is not None:
@@ -49,11 +53,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    _, validation, adv, num_labels, task = load_data(args, tokenizer)
+    try:
+        task = load_task(args, tokenizer)
+    except RecipeError as err:
+        sys.exit(f"evaluate.py: error: {err}")
     if checkpoint:  # DeepSpeed's files need full unpickling: only for checkpoints you trust (docs/checkpoints.md)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        model = AutoModelForSequenceClassification.from_pretrained(run["model_path"], num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(run["model_path"], num_labels=task.num_labels)
         state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir), tag=path.name)
         model.load_state_dict(state)
     else:
@@ -63,9 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model.to(device).eval()
 
     collate = DataCollatorWithPadding(tokenizer)
-    metrics = metrics_of(*evaluate(model, validation, collate, cli.batch_size, device), "", task == "qqp")
-    if adv is not None:
-        metrics.update(metrics_of(*evaluate(model, adv, collate, cli.batch_size, device), "adv_", task == "qqp"))
+    metrics = evaluate_all(model, task.validation, task.adv, collate, cli.batch_size, device, task.task)
     results = {f"eval_{k}": v for k, v in metrics.items()}
     print(json.dumps(results))
     if cli.output:

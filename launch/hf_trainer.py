@@ -14,8 +14,7 @@ AdvGLUE SST-2.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 from transformers import (
@@ -27,17 +26,16 @@ from transformers import (
     set_seed,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rose_ds import RoseConfig, RoseConfigError  # noqa: E402
-from rose_ds import data as rose_data  # noqa: E402
-from rose_ds.hf import RoseTrainer, join_cpu_processes  # noqa: E402
-from rose_ds.methods import MethodConfig, MethodConfigError  # noqa: E402
-from rose_ds.zero import UnsupportedConfigError  # noqa: E402
+from rose_ds.hf import RoseTrainer, join_cpu_processes
+from rose_ds.training import data as rose_data
+from rose_ds.training.args import ArgumentError, RoseArgs
+from rose_ds.zero import UnsupportedConfigError
 
 
 @dataclass
-class ExampleArguments:
-    """The model, the data and ROSE; ``TrainingArguments`` holds the rest."""
+class ExampleArguments(RoseArgs):
+    """The model and the data, and ROSE's flags (:class:`RoseArgs`, as in ``launch/finetune.py``);
+    ``TrainingArguments`` holds the rest."""
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "any AutoModelForSequenceClassification path or hub name; default: MiniLM-L6"}
@@ -51,29 +49,6 @@ class ExampleArguments:
     max_seq_length: int = field(default=128, metadata={"help": "tokens per example (longer are truncated)"})
     max_train_samples: int | None = field(default=None, metadata={"help": "first N training examples (shuffled)"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "first N validation examples"})
-    rose_mode: str = field(default="ensemble", metadata={"help": "none, first, second, ensemble"})
-    rose_upper: float = field(default=40.0, metadata={"help": "upper percentile of the kept band"})
-    rose_lower: float = field(default=0.0, metadata={"help": "lower percentile of the kept band"})
-    rose_gamma: float = field(default=0.5, metadata={"help": "weight of the first-order mask in the ensemble"})
-    rose_eligibility: str = field(default="original", metadata={"help": "original, bert, gpt2, llama"})
-    rose_granularity: str = field(default="tensor", metadata={"help": "tensor or element"})
-    rose_scope: str = field(default="global", metadata={"help": "element granularity: global or tensor"})
-    method: str = field(default="none", metadata={"help": "none, rdrop, r3f, childtuning-f, childtuning-d"})
-    rdrop_alpha: float = field(default=1.0, metadata={"help": "R-Drop: weight of the two passes' symmetric KL"})
-    r3f_lambda: float = field(default=1.0, metadata={"help": "R3F: weight of the clean/noisy symmetric KL"})
-    r3f_eps: float = field(default=1e-5, metadata={"help": "R3F: scale of the input-embedding noise"})
-    r3f_noise: str = field(default="uniform", metadata={"help": "R3F: uniform or normal"})
-    childtuning_p: float = field(default=0.3, metadata={"help": "ChildTuning: kept fraction of gradient elements"})
-    childtuning_fisher_batches: int = field(
-        default=0, metadata={"help": "ChildTuning-D: batches of the Fisher pass (0: the whole training set)"}
-    )
-
-    def rose(self) -> RoseConfig:
-        return RoseConfig(**{f.name[5:]: getattr(self, f.name) for f in fields(self) if f.name.startswith("rose_")})
-
-    def method_config(self, seed: int) -> MethodConfig:
-        knobs = {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(("rdrop_", "r3f_", "child"))}
-        return MethodConfig(name=self.method, seed=seed, **knobs)
 
 
 def accuracy(prediction) -> dict[str, float]:
@@ -86,16 +61,11 @@ def main(argv: list[str] | None = None, trainer_class: type[RoseTrainer] = RoseT
     parser = HfArgumentParser((ExampleArguments, TrainingArguments))
     if any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv) and join_cpu_processes():
         parser.set_defaults(accelerator_config={"use_configured_state": True})  # the state just joined
-    example, training = parser.parse_args_into_dataclasses(argv)
     try:
-        rose = example.rose()
-    except RoseConfigError as err:
-        sys.exit(f"hf_trainer.py: error: {str(err).replace('RoseConfig.', '--rose_')}")
-    try:
-        method = example.method_config(training.seed)  # ChildTuning-F's masks follow --seed
-    except MethodConfigError as err:
-        message = str(err).replace("MethodConfig.name", "--method").replace("MethodConfig.", "--")
-        sys.exit(f"hf_trainer.py: error: {message}")
+        example, training = parser.parse_args_into_dataclasses(argv)
+    except ArgumentError as err:  # a --rose_* or --method value RoseConfig / MethodConfig refuses
+        sys.exit(f"hf_trainer.py: error: {err}")
+    rose, method = example.rose_config(), example.method_config(training.seed)  # ChildTuning-F follows --seed
     set_seed(training.seed)
 
     # data: the same splits, order and tokens as launch/finetune.py

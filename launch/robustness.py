@@ -30,12 +30,10 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from finetune import Args, load_data  # noqa: E402
-
-from rose_ds import analysis, attacks  # noqa: E402
-from rose_ds import data as rose_data  # noqa: E402
+from rose_ds import analysis, attacks
+from rose_ds.training import RecipeError
+from rose_ds.training import data as rose_data
+from rose_ds.training.args import FinetuneArgs
 
 ATTACKS = ("deepwordbug", "pwws")
 ROSE_NAMES = {"none": "vanilla", "first": "ROSE-First", "second": "ROSE-Second", "ensemble": "ROSE-Ensemble"}
@@ -79,7 +77,10 @@ def load_run(run_dir: Path):
     if not config_file.is_file() or not (run_dir / "model.safetensors").is_file():
         fail(f"{run_dir} holds no finished launch/finetune.py run (run_config.json and model.safetensors)")
     run = json.loads(config_file.read_text())
-    args = Args(**run["args"])
+    try:
+        args = FinetuneArgs(**run["args"])
+    except RecipeError as err:
+        fail(f"{config_file}: {err}")
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -99,7 +100,10 @@ def load_run(run_dir: Path):
             fail(f"the attacks edit single texts; {args.task_name} is a pair task")
         raw, column = rose_data.load_glue(args.task_name), spec.text_columns[0]
     validation = raw["validation"]
-    _, tokenized, _, _, _ = load_data(args, tokenizer)
+    try:
+        tokenized = rose_data.load_task(args, tokenizer).validation
+    except RecipeError as err:
+        fail(str(err))
     return model, tokenizer, args, validation[column], validation["label"], tokenized
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rose_ds import attacks
-from rose_ds.data import embedded_model_path, load_rotten_tomatoes
+from rose_ds.training.data import embedded_model_path, load_rotten_tomatoes
 
 WORDNET_MISSING = attacks._WORDNET_FILES[0]
 try:

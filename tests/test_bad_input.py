@@ -200,7 +200,7 @@ def catalogue(tmp_path_factory):
     # a real checkpoint of another model: one saved step of a 2-layer random BERT (hidden 32)
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from rose_ds.data import embedded_model_path
+    from rose_ds.training.data import embedded_model_path
 
     other = tmp / "other-model"
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rose_ds.data import jaccard_filter, load_local
-from rose_ds.dsconfig import ConfigConflictError, fill_auto
-from rose_ds.presets import preset
+from rose_ds.training.data import jaccard_filter, load_local
+from rose_ds.training.dsconfig import ConfigConflictError, fill_auto
+from rose_ds.training.presets import preset
 
 ROOT = Path(__file__).resolve().parents[1]
 ADV = ROOT.parent / "shared" / "data" / "advglue" / "dev.json"
@@ -230,7 +230,7 @@ def test_decoder_model_gets_a_pad_token_and_the_gpt2_rule(tmp_path):
     and --rose_eligibility gpt2 selects its block weights (the original rule would select none)."""
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
-    from rose_ds.data import embedded_model_path
+    from rose_ds.training.data import embedded_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
     tokenizer.eos_token = "[SEP]"

@@ -30,7 +30,7 @@ def _make_model(path, hidden):
     """A randomly initialised 2-layer BERT with the embedded MiniLM tokenizer, saved as a model folder."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from rose_ds.data import embedded_model_path
+    from rose_ds.training.data import embedded_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
     torch.manual_seed(0)

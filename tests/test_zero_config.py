@@ -88,7 +88,7 @@ def test_known_deepspeed_keys_are_deepspeed_s_and_the_shipped_configs_pass():
 
     import deepspeed
 
-    from rose_ds.dsconfig import KNOWN_KEYS, ConfigConflictError, validate
+    from rose_ds.training.dsconfig import KNOWN_KEYS, ConfigConflictError, validate
 
     source = "\n".join(p.read_text(errors="replace") for p in Path(deepspeed.__file__).parent.rglob("*.py"))
     missing = sorted(k for k in KNOWN_KEYS if f'"{k}"' not in source and f"'{k}'" not in source)

@@ -27,7 +27,7 @@ from models import frozen_bert, random_batch, tiny_bert  # noqa: E402
 import rose_ds  # noqa: E402
 import rose_ds.zero  # noqa: E402
 from rose_ds import RoseConfig, RoseLosses  # noqa: E402
-from rose_ds import checkpoint as ckpt  # noqa: E402
+from rose_ds.training import checkpoint as ckpt  # noqa: E402
 from rose_ds import methods  # noqa: E402
 from rose_ds.methods import MethodConfig  # noqa: E402
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
+from pathlib import Path
 from typing import Any
 
+from rose_ds.training import RecipeError
 
-class ConfigConflictError(ValueError):
+
+class ConfigConflictError(RecipeError):
     """The DeepSpeed JSON and the command line disagree, or the JSON cannot work (one line naming the
     keys and the fix)."""
 
@@ -32,6 +36,26 @@ KNOWN_KEYS = frozenset({
     "wandb", "weight_quantization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
     "zero_optimization",
 })  # fmt: skip
+
+
+def read(path: str) -> dict[str, Any]:
+    """The DeepSpeed JSON at ``path``, validated (:func:`validate`).
+
+    Raises:
+        ConfigConflictError: a missing file, invalid JSON or a config that cannot work; the message
+            starts with the path.
+    """
+    if not Path(path).is_file():
+        raise ConfigConflictError(f"{path!r}: no such file")
+    try:
+        config = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigConflictError(f"{path}: not valid JSON ({err})") from None
+    try:
+        validate(config)
+    except ConfigConflictError as err:
+        raise ConfigConflictError(f"{path}: {err}") from None
+    return config
 
 
 def validate(config: Any) -> None:

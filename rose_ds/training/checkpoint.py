@@ -37,12 +37,17 @@ import random
 import shutil
 import subprocess
 import sys
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
+
+from rose_ds.training import RecipeError
 
 RECORD = "rose_ds_checkpoint.json"
 LOOP_STATE = "trainer_state.json"
@@ -52,8 +57,54 @@ PREFIX = "global_step"
 FORMAT = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RecipeError):
     """A checkpoint that cannot be resumed from (missing, partial, or of another model)."""
+
+
+@dataclass
+class TrainState:
+    """The training loop's position and logs, saved in every checkpoint (``trainer_state.json``).
+
+    Attributes:
+        epoch: Epochs finished.
+        batches_done: Micro-batches of the current epoch done (on this world size).
+        window: Sum and count of the task losses since the last training record.
+        nonfinite: Optimizer steps in a row whose loss was NaN/inf on some rank.
+        last_saved: Folder name of the newest checkpoint written (or resumed from).
+        good_checkpoint: The newest checkpoint whose weights gave a finite loss at the next step.
+        log_history: Training and evaluation records.
+        mask_history: Per optimizer step, the kept coefficient of every eligible tensor.
+    """
+
+    epoch: int = 0
+    batches_done: int = 0
+    window: list = field(default_factory=lambda: [0.0, 0])
+    nonfinite: int = 0
+    last_saved: str | None = None
+    good_checkpoint: str | None = None
+    log_history: list = field(default_factory=list)
+    mask_history: list = field(default_factory=list)
+
+    def add_loss(self, loss: float) -> None:
+        """One micro-batch's task loss into the logging window."""
+        self.window = [self.window[0] + loss, self.window[1] + 1]
+
+    def take_window(self) -> float:
+        """The mean task loss of the window, which starts afresh."""
+        mean = self.window[0] / self.window[1]
+        self.window = [0.0, 0]
+        return mean
+
+    def note_finite(self, finite_everywhere: bool, limit: int) -> bool:
+        """Counts an optimizer step's loss; returns True when ``limit`` steps in a row were NaN/inf.
+
+        A finite loss came from the weights of the newest checkpoint (or later ones): that checkpoint
+        becomes the good one.
+        """
+        self.nonfinite = 0 if finite_everywhere else self.nonfinite + 1
+        if not self.nonfinite:
+            self.good_checkpoint = self.last_saved
+        return self.nonfinite >= limit
 
 
 def model_signature(module: torch.nn.Module) -> dict[str, Any]:
@@ -220,6 +271,65 @@ def load(engine, path: Path, tag: str) -> dict[str, Any]:
             group.update(saved)
     load_rng(path, dist.get_rank())
     return json.loads((path / LOOP_STATE).read_text())
+
+
+def resume(engine, path: Path, tag: str, record: dict[str, Any], *, learning_rate: float, batch_size: int,
+           accumulation: int) -> TrainState:  # fmt: skip
+    """Loads a checkpoint into ``engine`` (see :func:`load`) and returns the loop's state, ready to go on.
+
+    The schedule keeps its position but takes ``learning_rate`` as its peak (the restored scheduler
+    would keep the old one, and a run stopped for NaN is resumed with a lower one). On another world
+    size the position in the epoch is kept in examples: the sampler deals the same permutation to
+    the new ranks, so the epoch goes on from (about) where it stopped.
+
+    Args:
+        engine: The DeepSpeed engine (its ``lr_scheduler`` a ``LambdaLR``).
+        path: The checkpoint folder; ``tag`` and ``record`` from :func:`prepare_load` / :func:`read_record`.
+        learning_rate: This run's peak learning rate.
+        batch_size: Micro-batch per rank.
+        accumulation: Micro-batches per optimizer step.
+    """
+    state = TrainState(**load(engine, path, tag))
+    state.last_saved = path.name  # judged good by the first finite loss after it
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [learning_rate for _ in scheduler.base_lrs]
+    with warnings.catch_warnings():  # "step() before optimizer.step()": no update is taken here
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.last_epoch -= 1
+        scheduler.step()  # the same position, the learning rates recomputed from the new peak
+    world = dist.get_world_size()
+    if record["world_size"] != world:
+        examples_done = state.batches_done * batch_size * record["world_size"]
+        state.batches_done = examples_done // (batch_size * world * accumulation) * accumulation
+    return state
+
+
+def clear_run(out: Path) -> None:
+    """Removes an old run's checkpoints, pointer and metrics from ``out`` (a fresh run over it, with
+    ``--overwrite_output_dir``): a later ``--resume auto`` must not continue the old run."""
+    for old in [*out.glob(f"{PREFIX}*"), *out.glob(f".tmp-{PREFIX}*")]:
+        shutil.rmtree(old, ignore_errors=True)
+    for name in (LATEST, "metrics.jsonl"):
+        (out / name).unlink(missing_ok=True)
+
+
+def export_model(engine, model, tokenizer, out: Path) -> None:
+    """Writes the consolidated fp32 weights as a Hugging Face model (safetensors) and the tokenizer to
+    ``out``; every rank calls it (ZeRO-3 gathers), rank 0 writes."""
+    state = {}
+    stage = engine.zero_optimization_stage()
+    for name, p in engine.module.named_parameters():
+        if stage == 0 or not p.requires_grad:
+            with deepspeed.zero.GatheredParameters([p], enabled=stage == 3):
+                state[name] = p.detach().float().cpu().clone()
+        else:
+            state[name] = deepspeed.utils.safe_get_full_fp32_param(p).detach().float().cpu()
+    for name, b in engine.module.named_buffers():
+        state[name] = b.detach().cpu().clone()
+    if dist.get_rank() == 0:
+        model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+    dist.barrier()
 
 
 def load_rng(path: Path, rank: int) -> None:

@@ -11,11 +11,16 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
+import torch
+from transformers import DataCollatorWithPadding
+
+from rose_ds.training import RecipeError
 
 # ../shared/data/advglue/dev.json in the development tree; absent in a user's clone (hub then).
-SHARED_ADVGLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "advglue" / "dev.json"
+SHARED_ADVGLUE = Path(__file__).resolve().parents[3] / "shared" / "data" / "advglue" / "dev.json"
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,10 @@ class TaskSpec:
     num_labels: int
     advglue: str | None  # key in AdvGLUE's dev.json / hub config suffix
     glue: str | None  # GLUE config name on the hub
+
+
+class DataError(RecipeError):
+    """Data that cannot be trained on: a missing file or column, an empty split, labels out of range."""
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -188,3 +197,101 @@ def training_splits(raw, seed: int, max_train_samples: int | None, max_eval_samp
     if max_eval_samples:
         validation = validation.select(range(min(max_eval_samples, len(validation))))
     return train, validation
+
+
+@dataclass
+class TaskData:
+    """A task ready to train on: tokenized splits, the head's label count and the AdvGLUE task.
+
+    Attributes:
+        train: Tokenized training split (in the order of ``--seed``, cut to ``--max_train_samples``).
+        validation: Tokenized validation split.
+        adv: Tokenized AdvGLUE items of the task, or None (no counterpart, or ``--adv_file none``).
+        num_labels: Classes of the classification head.
+        task: The task name whose AdvGLUE counterpart ``adv`` holds; None for local files.
+    """
+
+    train: Any
+    validation: Any
+    adv: Any
+    num_labels: int
+    task: str | None
+
+
+def sequence_limit(config, tokenizer) -> int | None:
+    """Tokens the model can take: the tokenizer's limit when it states one (RoBERTa's 512 of 514
+    positions), else the position embeddings; None when neither says."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit is not None and limit < 10**6:  # 'unset' is a huge sentinel
+        return int(limit)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def load_task(args, tokenizer) -> TaskData:
+    """The task the arguments name (``--task_name`` or ``--train_file``/``--validation_file``), tokenized.
+
+    Args:
+        args: The recipe's arguments (:class:`~rose_ds.training.args.TrainArgs` fields: task, files,
+            columns, ``adv_file``, sample limits, ``max_seq_length``, ``seed``).
+        tokenizer: The model's tokenizer.
+
+    Raises:
+        DataError: bad input, named with its flag. ``OSError`` when the hub is out of reach.
+    """
+    spec = TASKS.get(args.task_name)
+    adv_file = args.adv_file or (str(SHARED_ADVGLUE) if SHARED_ADVGLUE.is_file() else None)
+    if args.train_file:
+        if not args.validation_file:
+            raise DataError("--train_file needs --validation_file")
+        columns = (args.text_column,) + ((args.text_pair_column,) if args.text_pair_column else ())
+        for flag, path in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
+            if not Path(path).is_file():
+                raise DataError(f"{flag} {path!r}: no such file")
+        try:
+            raw, num_labels = load_local(args.train_file, args.validation_file, columns, args.label_column)
+        except (ValueError, FileNotFoundError) as err:
+            raise DataError(str(err)) from None
+        except Exception as err:  # the datasets builder's parse errors name neither the file nor the fix
+            cause = str(err.__cause__ or err).splitlines()[0][:200]
+            raise DataError(f"--train_file / --validation_file could not be read as {Path(args.train_file).suffix} "
+                            f"({cause}); check the file's format") from None  # fmt: skip
+        task = None
+    elif spec is None:
+        raise DataError(f"--task_name {args.task_name!r} is unknown; use one of {', '.join(TASKS)} or --train_file")
+    else:
+        columns, num_labels, task = spec.text_columns, spec.num_labels, args.task_name
+        if args.task_name == "rotten_tomatoes":  # deduplicated against AdvGLUE SST-2 when it is at hand
+            raw = load_rotten_tomatoes(adv_file, seed=args.seed)
+        else:
+            raw = load_glue(args.task_name)
+    adv = None if task is None else load_advglue(task, adv_file)
+    train, validation = training_splits(raw, args.seed, args.max_train_samples, args.max_eval_samples)
+    for split, dataset in (("training", train), ("validation", validation)):
+        if len(dataset) == 0:
+            raise DataError(f"the {split} split is empty (after --max_{'train' if split == 'training' else 'eval'}"
+                            "_samples); pass data with examples")  # fmt: skip
+        bad = [y for y in set(dataset["label"]) if not 0 <= y < num_labels]
+        if bad:
+            raise DataError(f"the {split} split has label(s) {sorted(bad)[:5]} out of range for the {num_labels}-class "
+                            "head (classes are 0..K-1; -1 marks unlabeled test rows): drop those rows")  # fmt: skip
+
+    def prepare(dataset):
+        return encode(dataset, tokenizer, columns, args.max_seq_length)
+
+    return TaskData(prepare(train), prepare(validation), None if adv is None else prepare(adv), num_labels, task)
+
+
+def train_loader(dataset, tokenizer, batch_size: int, rank: int, world_size: int, seed: int):
+    """The training loader of every recipe here: a seeded ``DistributedSampler`` (call its
+    ``set_epoch``), padded batches, the last partial batch dropped.
+
+    Returns:
+        ``(loader, sampler)``.
+    """
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    # its own generator: a new epoch's iterator must not draw from the global RNG that dropout uses,
+    # or a resumed run would see other dropout masks than an uninterrupted one
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                         collate_fn=DataCollatorWithPadding(tokenizer), drop_last=True,
+                                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    return loader, sampler
