@@ -19,6 +19,7 @@ Every flag: `python launch/finetune.py --help` and README.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -28,14 +29,15 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 import rose_ds
 from rose_ds import methods, zero
 from rose_ds.training import RecipeError, checkpoint, data, dsconfig, launcher
-from rose_ds.training.args import FinetuneArgs, parse_args
+from rose_ds.training.args import parse_args
 from rose_ds.training.evaluation import evaluate_all
 from rose_ds.training.metrics import MetricLogger, plot_run, rewrite_metrics, scalar
+from rose_ds.training.model import check_model, load_tokenizer
 
 
 def fail(message: str) -> None:
@@ -45,14 +47,21 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def one_line_errors(program):
+    """The library's typed one-line errors (RecipeError) end the program as every other bad input."""
+
+    @functools.wraps(program)
+    def run(*args, **kwargs):
+        try:
+            return program(*args, **kwargs)
+        except RecipeError as err:
+            fail(str(err))
+
+    return run
+
+
+@one_line_errors
 def main(argv: list[str] | None = None) -> dict:
-    try:
-        return train(argv)
-    except RecipeError as err:  # the library's one-line errors, as every other bad input
-        fail(str(err))
-
-
-def train(argv: list[str] | None) -> dict:
     # ---------------------------------------------------------------- arguments (nothing loaded yet)
     # Every check that needs no data or weights comes first: bad input costs seconds, not a model load,
     # and leaves --output_dir as it was (nothing is written before the loop starts).
@@ -78,7 +87,7 @@ def train(argv: list[str] | None) -> dict:
     except checkpoint.CheckpointError as err:
         fail(f"--resume_from_checkpoint: {err}")
     model_path, model_config, tokenizer = load_tokenizer(args)
-    check_model(model_config, rose, method, model_path)
+    check_model(model_config, rose, method, model_path)  # before any weight is loaded
 
     # ---------------------------------------------------------------- processes, data
     procs = launcher.init_processes()
@@ -263,37 +272,6 @@ def train(argv: list[str] | None) -> dict:
         print(f"finished {engine.global_steps} steps in {runtime:.0f} s: {summary}")
     logger.close()
     return results
-
-
-def load_tokenizer(args: FinetuneArgs):
-    """The model's path, config and tokenizer (a pad token added for decoders), and --max_seq_length checked."""
-    try:
-        model_path = args.model_name_or_path or data.embedded_model_path()
-        model_config = AutoConfig.from_pretrained(model_path)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as err:  # a missing package, folder or model, or the hub out of reach
-        fail(f"--model_name_or_path {model_path!r}: {str(err).splitlines()[0]}")
-    limit = data.sequence_limit(model_config, tokenizer)
-    if limit is not None and args.max_seq_length > limit:
-        fail(f"--max_seq_length {args.max_seq_length} is above the model's limit of {limit} tokens; pass {limit} or "
-             "less")  # fmt: skip
-    if tokenizer.pad_token is None:  # decoder models (GPT-2, Llama) have none
-        tokenizer.pad_token = tokenizer.eos_token
-    return model_path, model_config, tokenizer
-
-
-def check_model(model_config, rose: rose_ds.RoseConfig, method: methods.MethodConfig, model_path: str) -> None:
-    """The eligibility rule and the method judged on the parameter names, before any weight is loaded."""
-    try:
-        with torch.device("meta"):
-            skeleton = AutoModelForSequenceClassification.from_config(model_config)
-        rose_ds.selection.eligible_names([n for n, _ in skeleton.named_parameters()], rose)
-        if why := methods.unsupported(method, skeleton):
-            fail(why)
-    except rose_ds.NoEligibleTensorError as err:
-        fail(str(err))
-    except (ValueError, KeyError) as err:  # no sequence-classification class for this architecture
-        fail(f"--model_name_or_path {model_path!r}: {str(err).splitlines()[0][:200]}")
 
 
 if __name__ == "__main__":

@@ -291,17 +291,22 @@ def resume(engine, path: Path, tag: str, record: dict[str, Any], *, learning_rat
     """
     state = TrainState(**load(engine, path, tag))
     state.last_saved = path.name  # judged good by the first finite loss after it
-    scheduler = engine.lr_scheduler
-    scheduler.base_lrs = [learning_rate for _ in scheduler.base_lrs]
-    with warnings.catch_warnings():  # "step() before optimizer.step()": no update is taken here
-        warnings.simplefilter("ignore", UserWarning)
-        scheduler.last_epoch -= 1
-        scheduler.step()  # the same position, the learning rates recomputed from the new peak
+    set_peak_learning_rate(engine.lr_scheduler, learning_rate)
     world = dist.get_world_size()
     if record["world_size"] != world:
         examples_done = state.batches_done * batch_size * record["world_size"]
         state.batches_done = examples_done // (batch_size * world * accumulation) * accumulation
     return state
+
+
+def set_peak_learning_rate(scheduler, learning_rate: float) -> None:
+    """Gives a restored ``LambdaLR`` another peak at the same position: every group's learning rate
+    becomes ``learning_rate * lambda(last_epoch)``, through the scheduler's public ``step``."""
+    scheduler.base_lrs = [learning_rate for _ in scheduler.base_lrs]
+    with warnings.catch_warnings():  # "step() before optimizer.step()": no update is taken here
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.last_epoch -= 1
+        scheduler.step()
 
 
 def clear_run(out: Path) -> None:
