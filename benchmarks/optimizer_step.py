@@ -38,9 +38,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rose_ds.optim import masked_adamw_, masked_adamw_elements_  # noqa: E402
+from rose_ds.optim import _index_sum_of_squares, _runs, masked_adamw_  # noqa: E402
 from rose_ds.selection import element_band_masks, element_second_order_scores  # noqa: E402
-from rose_ds.zero import _index_sum_of_squares, _runs  # noqa: E402
 
 LR, BETAS, EPS, WD, STEP = 1e-4, (0.9, 0.98), 1e-6, 0.01, 10
 
@@ -138,9 +137,9 @@ def main() -> None:
             masks = element_band_masks(scores, 0.0, 65.0)
             if update:
                 for (s, n, _), c in zip(segments, masks):
-                    masked_adamw_elements_(param.narrow(0, s, n), grad.narrow(0, s, n), m.narrow(0, s, n),
-                                           v.narrow(0, s, n), c, lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
-                                           weight_decay=WD, step=STEP)  # fmt: skip
+                    masked_adamw_([param.narrow(0, s, n)], [grad.narrow(0, s, n)], [m.narrow(0, s, n)],
+                                  [v.narrow(0, s, n)], [c], lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
+                                  weight_decay=WD, step=STEP)  # fmt: skip
 
         return step
 
