@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rose_ds.optim import _index_sum_of_squares, _runs, masked_adamw_  # noqa: E402
+from rose_ds.optim import _runs, index_sum_of_squares, masked_adamw_  # noqa: E402
 from rose_ds.selection import element_band_masks, element_second_order_scores  # noqa: E402
 
 LR, BETAS, EPS, WD, STEP = 1e-4, (0.9, 0.98), 1e-6, 0.01, 10
@@ -115,8 +115,8 @@ def main() -> None:
         def step():
             # statistics of the second-order score, then the masked update over segment views
             if statistics:
-                _index_sum_of_squares([(i, grad.narrow(0, s, n)) for s, n, i in segments], n_elig)
-                _index_sum_of_squares([(i, m.narrow(0, s, n)) for s, n, i in segments], n_elig)
+                index_sum_of_squares([(i, grad.narrow(0, s, n)) for s, n, i in segments], n_elig)
+                index_sum_of_squares([(i, m.narrow(0, s, n)) for s, n, i in segments], n_elig)
             runs = _runs(segments, c)
             views = [(s, n) for s, n, _ in runs]
             masked_adamw_(
@@ -149,8 +149,8 @@ def main() -> None:
 
         def step():
             if blocked:  # rose_ds: fp32 over blocks of 2^18 elements, fp64 across blocks (~1e-8 relative)
-                _index_sum_of_squares([(i, grad.narrow(0, s, n)) for s, n, i in segments], n_elig)
-                _index_sum_of_squares([(i, m.narrow(0, s, n)) for s, n, i in segments], n_elig)
+                index_sum_of_squares([(i, grad.narrow(0, s, n)) for s, n, i in segments], n_elig)
+                index_sum_of_squares([(i, m.narrow(0, s, n)) for s, n, i in segments], n_elig)
             else:  # one fp32 dot per segment (3e-3 relative error at 1e8 elements)
                 for x in (grad, m):
                     torch.stack([torch.dot(x.narrow(0, s, n), x.narrow(0, s, n)) for s, n, _ in segments])

@@ -3,6 +3,12 @@
 The update rule is ``masked_adamw_`` (pure tensor arithmetic, no distributed code); the selection
 comes from :mod:`rose_ds.selection`. The optimizer itself only gathers the per-tensor statistics,
 asks for the mask and applies the update.
+
+It does so once, over a :class:`Segments` view: its own tensors (each one whole segment, no
+communication), or the segments of flat ZeRO partitions that a :class:`SegmentsProvider` attached
+with :meth:`RoseAdamW.attach` supplies together with the all-reduce over the ranks
+(:mod:`rose_ds.zero`). Statistics are summed per eligible index over the segments, reduced, and the
+same band rule and masked update follow whatever the layout.
 """
 
 from __future__ import annotations
@@ -534,14 +540,14 @@ class RoseAdamW(torch.optim.Optimizer):
                 captured = self.robust_capture
                 if captured.grads is not None:
                     pairs = [(i, g) for i, g in enumerate(captured.grads) if g is not None]
-                    stats[0] = _index_sum_of_squares(pairs, n)
+                    stats[0] = index_sum_of_squares(pairs, n)
                 else:
                     stats[0] = captured.squares
             if second:
                 held = [(s, a, b, i) for unit in segments.units for s in unit if s.grad is not None
                         for a, b, i in s.segments if i >= 0]  # fmt: skip
-                stats[1] = _index_sum_of_squares([(i, s.view(s.grad, a, b)) for s, a, b, i in held], n)
-                stats[2] = _index_sum_of_squares([(i, s.view(s.state["exp_avg"], a, b)) for s, a, b, i in held], n)
+                stats[1] = index_sum_of_squares([(i, s.view(s.grad, a, b)) for s, a, b, i in held], n)
+                stats[2] = index_sum_of_squares([(i, s.view(s.state["exp_avg"], a, b)) for s, a, b, i in held], n)
             # The only communication selection adds: 3 x #eligible float64 values.
             stats = segments.reduce(stats)
             recorded = torch.full((3, n), float("nan"), dtype=torch.float64)  # NaN where the mode needs no norm
@@ -803,8 +809,9 @@ def _runs(segments: list[tuple[int, int, int]], c: Mapping[int, float]) -> list[
     return [tuple(r) for r in runs]
 
 
-def _index_sum_of_squares(pairs: list[tuple[int, Tensor]], n: int) -> Tensor:
-    """float64 vector of length n: sum of squared L2 norms of the tensors listed under each index."""
+def index_sum_of_squares(pairs: list[tuple[int, Tensor]], n: int) -> Tensor:
+    """float64 CPU vector of length ``n``: the sum of the squared L2 norms (:func:`sum_of_squares`) of
+    the tensors listed under each index (the pieces of one tensor; an index without any counts 0)."""
     out = torch.zeros(n, dtype=torch.float64)
     pairs = [(i, t) for i, t in pairs if t.numel() > 0]
     if pairs:

@@ -5,8 +5,8 @@ What each ZeRO stage hands the client optimizer, and what this module does about
 
 * Stage 0: the client sees whole tensors with already-averaged, clipped gradients (fp32), or fp32
   master copies of them (bf16/fp16 through ``FP16_UnfusedOptimizer``). Every rank holds the full
-  reduced gradient, so every rank computes the same statistics with no communication; RoseAdamW's
-  dense path runs unchanged.
+  reduced gradient, so every rank computes the same statistics with no communication; RoseAdamW
+  steps its own tensors (fp32 master copies under bf16/fp16, re-keyed at binding).
 * Stages 1-3: the client sees one flat fp32 partition per param group (stage 3: per sub-group)
   and is called once per partition. Each partition is cut into *segments*, the fragments of model
   tensors that this rank owns. Statistics are sums of squares over local segments, all-reduced over
@@ -14,6 +14,8 @@ What each ZeRO stage hands the client optimizer, and what this module does about
   the same mask. The update of all partitions is deferred to the last client call of the engine
   step (the mask needs every partition's clipped gradient), after which the fp32 -> model-dtype
   copy that DeepSpeed already made for the earlier partitions is redone.
+* The step itself is RoseAdamW's (one step for every layout): :class:`ZeroBinding` is its segments
+  provider and supplies only the segments, the all-reduce and the robust gradient.
 * The robust-loss gradient is reduced by DeepSpeed itself: ``engine.backward(L_rob)`` runs before
   ``engine.backward(L_task)``, its reduced partition is read, and the stores DeepSpeed accumulates
   into are swapped (or, at stage 3, snapshotted) so the task gradient is never mixed with it.
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 from rose_ds.config import RoseConfig
 from rose_ds.losses import RoseLosses, rose_losses, task_loss
 from rose_ds.methods import MethodConfig
-from rose_ds.optim import RobustCapture, RoseAdamW, Segments, Shard, _index_sum_of_squares
+from rose_ds.optim import RobustCapture, RoseAdamW, Segments, Shard, index_sum_of_squares
 from rose_ds.selection import masking_active, needs_robust_gradient
 
 # What a ZeRO step tells a user who forgot the robust gradient.
@@ -633,7 +635,7 @@ class ZeroBinding:
                 kept = {i: f.reshape(-1) for i, f in kept.items()}
             self.opt.robust_capture = RobustCapture(grads=[kept.get(i) for i in range(n)])
             return
-        sq = _index_sum_of_squares(fragments, n)  # stages 1-3: this rank's partial sums
+        sq = index_sum_of_squares(fragments, n)  # stages 1-3: this rank's partial sums
         if self.loss_scaled:  # fp16: gradients are still multiplied by the loss scale here
             sq /= float(self.zo.loss_scale) ** 2
         self.opt.robust_capture = RobustCapture(squares=sq)
