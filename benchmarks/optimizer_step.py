@@ -38,9 +38,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rose_ds.optim import masked_adamw_, masked_adamw_elements_  # noqa: E402
+from rose_ds.optim import _runs, index_sum_of_squares, masked_adamw_  # noqa: E402
 from rose_ds.selection import element_band_masks, element_second_order_scores  # noqa: E402
-from rose_ds.zero import _index_sum_of_squares, _runs  # noqa: E402
 
 LR, BETAS, EPS, WD, STEP = 1e-4, (0.9, 0.98), 1e-6, 0.01, 10
 
@@ -116,8 +115,8 @@ def main() -> None:
         def step():
             # statistics of the second-order score, then the masked update over segment views
             if statistics:
-                _index_sum_of_squares([(i, grad.narrow(0, s, n)) for s, n, i in segments], n_elig)
-                _index_sum_of_squares([(i, m.narrow(0, s, n)) for s, n, i in segments], n_elig)
+                index_sum_of_squares([(i, grad.narrow(0, s, n)) for s, n, i in segments], n_elig)
+                index_sum_of_squares([(i, m.narrow(0, s, n)) for s, n, i in segments], n_elig)
             runs = _runs(segments, c)
             views = [(s, n) for s, n, _ in runs]
             masked_adamw_(
@@ -138,9 +137,9 @@ def main() -> None:
             masks = element_band_masks(scores, 0.0, 65.0)
             if update:
                 for (s, n, _), c in zip(segments, masks):
-                    masked_adamw_elements_(param.narrow(0, s, n), grad.narrow(0, s, n), m.narrow(0, s, n),
-                                           v.narrow(0, s, n), c, lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
-                                           weight_decay=WD, step=STEP)  # fmt: skip
+                    masked_adamw_([param.narrow(0, s, n)], [grad.narrow(0, s, n)], [m.narrow(0, s, n)],
+                                  [v.narrow(0, s, n)], [c], lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
+                                  weight_decay=WD, step=STEP)  # fmt: skip
 
         return step
 
@@ -150,8 +149,8 @@ def main() -> None:
 
         def step():
             if blocked:  # rose_ds: fp32 over blocks of 2^18 elements, fp64 across blocks (~1e-8 relative)
-                _index_sum_of_squares([(i, grad.narrow(0, s, n)) for s, n, i in segments], n_elig)
-                _index_sum_of_squares([(i, m.narrow(0, s, n)) for s, n, i in segments], n_elig)
+                index_sum_of_squares([(i, grad.narrow(0, s, n)) for s, n, i in segments], n_elig)
+                index_sum_of_squares([(i, m.narrow(0, s, n)) for s, n, i in segments], n_elig)
             else:  # one fp32 dot per segment (3e-3 relative error at 1e8 elements)
                 for x in (grad, m):
                     torch.stack([torch.dot(x.narrow(0, s, n), x.narrow(0, s, n)) for s, n, _ in segments])

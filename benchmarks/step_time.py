@@ -131,11 +131,18 @@ def _switch_selection_off(engine) -> None:
     """Ablation: ROSE-First's step with the selection machinery removed (no statistics, no all-reduce,
     no quantile; c = 1 everywhere). Both dropout passes and both backwards still run."""
     opt = rose_ds.rose_optimizer(engine)
-    binding = opt._binding
-    ones = torch.ones(len(opt.eligible_names), dtype=torch.float64)
-    binding._set_robust_statistics = lambda fragments: None
-    binding._coefficients = lambda t, stash: ones
-    opt._select = lambda t: ones
+    binding = opt.provider
+    names = opt.eligible_names
+    zeros = rose_ds.optim.RobustCapture(squares=torch.zeros(len(names), dtype=torch.float64))
+    binding._set_robust_statistics = lambda fragments: setattr(opt, "robust_capture", zeros)
+
+    def no_selection(segments, live, t):  # every segment updated with c = 1, in the merged runs of a step
+        opt.last_mask = {names[i]: 1.0 for i in live}
+        for unit in segments.units:
+            opt._update(unit, [(s, a, b, c) for s in unit if s.grad is not None
+                               for a, b, c in rose_ds.optim._runs(s.segments, {})], t)  # fmt: skip
+
+    opt._tensor_update = no_selection
 
 
 def timed(step, inputs, labels) -> float:

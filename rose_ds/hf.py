@@ -123,7 +123,8 @@ class RoseTrainer(Trainer):
                                        weight_decay=args.weight_decay, rose=self.rose, method=self.method)  # fmt: skip
             # bound to the engine's partitions at the first training step (zero.bind); until then
             # DeepSpeed's set-up calls of step() only create the state
-            self.optimizer._await_binding = self.is_deepspeed_enabled
+            if self.is_deepspeed_enabled:
+                self.optimizer.expect_provider()
         return self.optimizer
 
     def training_step(

@@ -3,18 +3,26 @@
 The update rule is ``masked_adamw_`` (pure tensor arithmetic, no distributed code); the selection
 comes from :mod:`rose_ds.selection`. The optimizer itself only gathers the per-tensor statistics,
 asks for the mask and applies the update.
+
+It does so once, over a :class:`Segments` view: its own tensors (each one whole segment, no
+communication), or the segments of flat ZeRO partitions that a :class:`SegmentsProvider` attached
+with :meth:`RoseAdamW.attach` supplies together with the all-reduce over the ranks
+(:mod:`rose_ds.zero`). Statistics are summed per eligible index over the segments, reduced, and the
+same band rule and masked update follow whatever the layout.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from rose_ds import radix
 from rose_ds.config import RoseConfig
 from rose_ds.methods import MethodConfig, childtuning_d_masks, childtuning_f_, tensor_key
 from rose_ds.selection import (
@@ -32,7 +40,7 @@ def masked_adamw_(
     grads: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
-    coefficients: Sequence[float],
+    coefficients: Sequence[float | Tensor],
     *,
     lr: float,
     beta1: float,
@@ -59,7 +67,9 @@ def masked_adamw_(
     Args:
         params, grads, exp_avgs, exp_avg_sqs: Same-length lists of same-shape tensors (views of a
             flat buffer are fine).
-        coefficients: ``c`` per tensor, in [0, 1].
+        coefficients: ``c`` per tensor, in [0, 1]: a float, or a tensor shaped as the parameter for
+            element granularity (boolean: kept / frozen, no float mask is made; float: the ensemble's
+            mix), whose elements follow the same formulas one by one.
         lr, beta1, beta2, eps, weight_decay: AdamW hyper-parameters of the group.
         step: The global step ``t`` (1-based) used for bias correction.
         foreach: Use torch's multi-tensor kernels; the per-tensor path gives bit-identical results.
@@ -69,9 +79,17 @@ def masked_adamw_(
             ``(sqrt(v) + eps) / sqrt(1 - beta2^t)``, the step is scaled by ``c`` through the
             learning rate, and the weight decay is applied afterwards as in the specification.
     """
+    hyper = (lr, beta1, beta2, eps, weight_decay, step)
+    per_element = [i for i, c in enumerate(coefficients) if isinstance(c, Tensor)]
+    if per_element:
+        for i in per_element:
+            _masked_adamw_elements_(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], coefficients[i], *hyper)
+        rest = [i for i, c in enumerate(coefficients) if not isinstance(c, Tensor)]
+        params, grads, exp_avgs, exp_avg_sqs, coefficients = (
+            [x[i] for i in rest] for x in (params, grads, exp_avgs, exp_avg_sqs, coefficients)
+        )
     if fused:
-        _fused_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, coefficients, lr, beta1, beta2, eps, weight_decay,
-                             step)  # fmt: skip
+        _fused_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, coefficients, *hyper)
         return
     step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
     live = [i for i, c in enumerate(coefficients) if c > 0]
@@ -149,26 +167,10 @@ def _fused_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, coefficients, lr,
         )  # fmt: skip
 
 
-def masked_adamw_elements_(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    c: Tensor,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    step: int,
-) -> None:
-    """:func:`masked_adamw_` for one tensor whose ``c`` varies per element (element granularity).
-
-    ``c`` is boolean (kept / frozen: no float mask is made) or float (the ensemble's mix). The formulas
-    are those of the tensor path, element by element; a frozen element keeps its weight and momentum
-    exactly while ``v`` moves toward ``m^2``.
-    """
+def _masked_adamw_elements_(param, grad, exp_avg, exp_avg_sq, c: Tensor, lr, beta1, beta2, eps, weight_decay, step):
+    """:func:`masked_adamw_` for one tensor whose ``c`` varies per element: the formulas of the tensor
+    path, element by element; a frozen element keeps its weight and momentum exactly while ``v`` moves
+    toward ``m^2``."""
     step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
     g = torch.where(c, grad, exp_avg) if c.dtype == torch.bool else torch.lerp(exp_avg, grad, c.to(grad.dtype))
     exp_avg.lerp_(g, 1.0 - beta1)
@@ -181,6 +183,95 @@ def masked_adamw_elements_(
             param.mul_(torch.where(c, 1.0 - lr * weight_decay, 1.0).to(param.dtype))
         else:
             param.mul_(c.to(param.dtype).mul(-lr * weight_decay).add_(1.0))
+
+
+# What the dense step tells a user who forgot the robust gradient (a provider supplies its own).
+CAPTURE_HINT = "call opt.capture_robust_grads() after loss_rob.backward(retain_graph=True), before step()"
+
+
+@dataclass
+class Shard:
+    """One stepped tensor (a model tensor, a master copy or a flat ZeRO partition) and its segments.
+
+    Attributes:
+        group: The param group whose hyper-parameters apply.
+        param: The stepped tensor.
+        grad: Its gradient this step; None: not updated (its step count still advances).
+        state: ``optimizer.state[param]`` (``step``, ``exp_avg``, ``exp_avg_sq``, maybe ``child_mask``).
+        segments: ``(start, numel, eligible index or -1)`` of the model tensors' pieces in ``param``.
+        names: ``(start, numel, tensor name, start in that tensor)`` of the pieces: ChildTuning-F's hash
+            (empty when the method does not need it).
+        whole: A dense tensor: its one segment is the tensor itself, in its own shape.
+    """
+
+    group: dict[str, Any]
+    param: Tensor
+    grad: Tensor | None
+    state: dict[str, Any]
+    segments: list[tuple[int, int, int]]
+    names: list[tuple[int, int, str, int]] = field(default_factory=list)
+    whole: bool = False
+
+    def view(self, x: Tensor, start: int, numel: int) -> Tensor:
+        """Segment ``(start, numel)`` of ``x`` (``param``, ``grad`` or a state tensor)."""
+        return x if self.whole else x.narrow(0, start, numel)
+
+    def flat(self, x: Tensor, start: int, numel: int) -> Tensor:
+        """:meth:`view` as a 1-D view, in the tensor's flattened element order."""
+        return x.view(-1) if self.whole else x.narrow(0, start, numel)
+
+
+@dataclass
+class Segments:
+    """What one ROSE step acts on: the optimizer's own tensors, or this rank's ZeRO segments.
+
+    Attributes:
+        units: Shards, grouped so that each unit is one masked-AdamW call (its shards share a param group).
+        reduce: Sums a tensor over the ranks that share the selection (identity for dense tensors).
+        sharded: Ranks hold pieces of the tensors: every eligible index takes part in every step, so
+            that all ranks make the same collective calls whatever they hold.
+        capture_hint: How to capture the robust gradient, for the error when none was captured.
+    """
+
+    units: list[list[Shard]]
+    reduce: Callable[[Tensor], Tensor] = radix._identity
+    sharded: bool = False
+    capture_hint: str = CAPTURE_HINT
+
+
+class SegmentsProvider(Protocol):
+    """Supplies the segments RoseAdamW steps instead of its own tensors (see :meth:`RoseAdamW.attach`)."""
+
+    def segments(self, opt: RoseAdamW) -> Segments | None:
+        """The segments of this ``step()`` call, or None to wait for more calls of the same step."""
+
+    def resident(self, opt: RoseAdamW) -> Segments:
+        """Every segment held here, for setting state outside a step (no gradient needed)."""
+
+    def stepped(self, segments: Segments) -> None:
+        """Called after the update of ``segments``."""
+
+
+@dataclass
+class RobustCapture:
+    """The robust-loss gradient recorded for the coming step, by eligible index.
+
+    Attributes:
+        squares: float64 squared norm per eligible tensor (tensor granularity); this rank's partial
+            sums when the segments are sharded.
+        grads: The gradient per eligible tensor (None: none), shaped as the parameter, or this rank's
+            flat fragment when sharded.
+        from_grad: Recorded from ``.grad`` (``capture_robust_grads()`` without a loss): once per step.
+    """
+
+    squares: Tensor | None = None
+    grads: list[Tensor | None] | None = None
+    from_grad: bool = False
+
+    @property
+    def empty(self) -> bool:
+        """Nothing was recorded."""
+        return self.squares is None and self.grads is None
 
 
 class RoseAdamW(torch.optim.Optimizer):
@@ -292,13 +383,42 @@ class RoseAdamW(torch.optim.Optimizer):
                     self._eligible_names.append(name)
         self.last_mask: dict[str, float] = {}
         self.last_statistics: Tensor | None = None
-        self._robust_sq: Tensor | None = None  # from capture_robust_grads() without a loss
-        self._robust_grads: list[Tensor | None] | None = None  # from capture_robust_grads(loss)
+        self.robust_capture = RobustCapture()
+        self._provider: SegmentsProvider | None = None  # None: this optimizer's own tensors
+        self._expect_provider = False
 
     @property
     def eligible_names(self) -> list[str]:
         """Names of the tensors that take part in selection, in score-vector order."""
         return list(self._eligible_names)
+
+    @property
+    def provider(self) -> SegmentsProvider | None:
+        """The segments provider attached with :meth:`attach` (None: the optimizer's own tensors)."""
+        return self._provider
+
+    def attach(self, provider: SegmentsProvider) -> None:
+        """Steps, from now on, the segments ``provider`` supplies (``rose_ds.zero`` binds ZeRO's
+        partitions this way) instead of the optimizer's own tensors."""
+        self._provider = provider
+        self._expect_provider = False
+
+    def expect_provider(self) -> None:
+        """Until :meth:`attach`, ``step()`` only creates the state: DeepSpeed's set-up calls it once
+        with zero gradients before the engine exists to bind to."""
+        self._expect_provider = True
+
+    def use_master_copies(self, copies: Iterable[tuple[Tensor, str]]) -> None:
+        """Steps master copies of the model's tensors (DeepSpeed's fp32 copies of bf16/fp16 weights at
+        ZeRO stage 0): ``(copy, parameter name)`` pairs; eligibility and ChildTuning-F's hash follow
+        the name, and the eligible tensors become the copies."""
+        index = {n: i for i, n in enumerate(self._eligible_names)}
+        eligible: dict[Tensor, int] = {}
+        for copy, name in copies:
+            self._names[copy] = name
+            if name in index:
+                eligible[copy] = index[name]
+        self._eligible = eligible
 
     @property
     def kept_fraction(self) -> float:
@@ -322,31 +442,31 @@ class RoseAdamW(torch.optim.Optimizer):
         if not needs_robust_gradient(self.rose):
             return
         params = self._by_index()
+        captured = self.robust_capture
         if loss_rob is None:
-            if self._robust_sq is not None or self._robust_grads is not None:
+            if not captured.empty:
                 raise RuntimeError(
                     "capture_robust_grads() was called twice before step(): .grad then mixes task and robust "
                     "gradients; with gradient accumulation pass the loss: capture_robust_grads(loss_rob)"
                 )
             grads = [p.grad for p in params]
             if self.rose.granularity == "element":  # element scores need the gradient itself
-                self._robust_grads = [None if g is None else g.clone() for g in grads]
-                self._robust_sq = torch.zeros(0)  # marks the .grad form as used for this step
+                self.robust_capture = RobustCapture(grads=[None if g is None else g.clone() for g in grads],
+                                                    from_grad=True)  # fmt: skip
             else:
-                self._robust_sq = _squared_norms(grads)
+                self.robust_capture = RobustCapture(squares=_squared_norms(grads), from_grad=True)
             return
-        if self._robust_sq is not None:
+        if captured.from_grad or captured.squares is not None:
             raise RuntimeError("capture_robust_grads(): do not mix the .grad form and the loss form in one step")
         with torch.enable_grad():
             grads = torch.autograd.grad(loss_rob, params, retain_graph=True, allow_unused=True)
-        if self._robust_grads is None:
-            self._robust_grads = list(grads)
-        else:
-            for i, g in enumerate(grads):
-                if g is None:
-                    continue
-                acc = self._robust_grads[i]
-                self._robust_grads[i] = g if acc is None else acc.add_(g)
+        if captured.grads is None:
+            self.robust_capture = RobustCapture(grads=list(grads))
+            return
+        for i, g in enumerate(grads):
+            if g is not None:
+                acc = captured.grads[i]
+                captured.grads[i] = g if acc is None else acc.add_(g)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -361,98 +481,185 @@ class RoseAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:  # frozen tensors get none
                     self._init_state(p)
-        binding = getattr(self, "_binding", None)
-        if getattr(self, "_await_binding", False):
+        if self._provider is None and self._expect_provider:
             return loss  # DeepSpeed's initialisation step (zero gradients): state only
-        if binding is not None and binding.flat:
-            binding.client_step()  # ZeRO 1-3: flat partitions, see rose_ds.zero
+        segments = self.dense_segments() if self._provider is None else self._provider.segments(self)
+        if segments is None:  # the provider waits for the rest of the step's partitions
             return loss
-
-        t = self._global_step() + 1
-        if self.method.masks_gradients:  # ChildTuning-F, before ROSE scores the gradient
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        key = tensor_key(self._names[p], self.method.seed, t)
-                        childtuning_f_(p.grad.view(-1), key, 0, self.method.childtuning_p)
-        if self.method.fixed_mask:  # ChildTuning-D masks eligible tensors only (all True until set)
-            for p in self._eligible:
-                if p.grad is not None:
-                    p.grad.mul_(self.state[p]["child_mask"])
-
-        if self.rose.granularity == "element":
-            self._element_step(t)
-            return loss
-        coefficients = self._select(t)  # {eligible index: c} of the tensors with a gradient
-        self.last_mask = {self._eligible_names[i]: c for i, c in sorted(coefficients.items())}
-
-        for group in self.param_groups:
-            entries = [(p, self.state[p]) for p in group["params"] if p.grad is not None]
-            for _, state in entries:
-                state["step"].fill_(t)
-            if not entries:
-                continue
-            self._apply(
-                group,
-                [p for p, _ in entries],
-                [p.grad for p, _ in entries],
-                [s["exp_avg"] for _, s in entries],
-                [s["exp_avg_sq"] for _, s in entries],
-                [coefficients[self._eligible[p]] if p in self._eligible else 1.0 for p, _ in entries],
-                t,
-            )
-        self._robust_sq = None
-        self._robust_grads = None
+        self._rose_step(segments)
+        if self._provider is not None:
+            self._provider.stepped(segments)
         return loss
 
-    def _element_step(self, t: int) -> None:
-        """Element granularity: a coefficient per element of every eligible tensor."""
-        params = [p for p in self._by_index() if p.grad is not None]  # score-vector order
-        robust = None
-        if needs_robust_gradient(self.rose) and masking_active(self.rose, t):
-            captured = self._robust_grads
-            if captured is None:
-                raise RuntimeError(
-                    f"RoseAdamW(mode={self.rose.mode!r}) step {t}: no robust gradient was captured; call "
-                    "opt.capture_robust_grads() after loss_rob.backward(retain_graph=True), before step()"
-                )
-            robust = [captured[self._eligible[p]] for p in params]
-            robust = [torch.zeros_like(p) if g is None else g for p, g in zip(params, robust)]
-        grads = momenta = None
-        if needs_second_order(self.rose, t):
-            grads = [p.grad for p in params]
-            momenta = [self.state[p]["exp_avg"] for p in params]
-        masks = element_coefficients(self.rose, t, robust, grads, momenta)
-        by_param = {} if masks is None else dict(zip(params, masks))
-        names = [self._eligible_names[self._eligible[p]] for p in params]
-        if masks is None:
-            self.last_mask = dict.fromkeys(names, 1.0)
-        else:  # per tensor: the mean coefficient of its elements
-            self.last_mask = {n: float(c.sum(dtype=torch.float64) / c.numel()) for n, c in zip(names, masks)}
-        for group in self.param_groups:
-            entries = [(p, self.state[p]) for p in group["params"] if p.grad is not None]
-            for _, state in entries:
-                state["step"].fill_(t)
-            whole = [(p, s) for p, s in entries if p not in by_param]
-            if whole:
-                self._apply(group, [p for p, _ in whole], [p.grad for p, _ in whole], [s["exp_avg"] for _, s in whole],
-                            [s["exp_avg_sq"] for _, s in whole], [1.0] * len(whole), t)  # fmt: skip
-            beta1, beta2 = group["betas"]
-            for p, s in entries:
-                if p in by_param:
-                    masked_adamw_elements_(p, p.grad, s["exp_avg"], s["exp_avg_sq"], by_param[p], lr=group["lr"],
-                                           beta1=beta1, beta2=beta2, eps=group["eps"],
-                                           weight_decay=group["weight_decay"], step=t)  # fmt: skip
-        self._robust_sq = None
-        self._robust_grads = None
+    def _rose_step(self, segments: Segments) -> None:
+        """The one ROSE step over dense tensors or ZeRO segments: ChildTuning's gradient mask, the
+        statistics, the band coefficients and the masked update (spec sections 2-4)."""
+        t = self.global_step() + 1
+        shards = [s for unit in segments.units for s in unit if s.grad is not None]
+        if self.method.masks_gradients:  # ChildTuning-F, before ROSE scores the gradient; each rank its own elements
+            for s in shards:
+                for start, numel, name, offset in s.names:
+                    if numel > 0:
+                        childtuning_f_(s.flat(s.grad, start, numel), tensor_key(name, self.method.seed, t), offset,
+                                       self.method.childtuning_p)  # fmt: skip
+        if self.method.fixed_mask:  # ChildTuning-D masks eligible segments only (all True until set)
+            for s in shards:
+                for start, numel, idx in s.segments:
+                    if idx >= 0 and numel > 0:
+                        s.view(s.grad, start, numel).mul_(s.view(s.state["child_mask"], start, numel))
+        # Eligible tensors taking part. Sharded: all of them, so that every rank makes the same
+        # collective calls whatever it holds; dense: those with a gradient this step.
+        if segments.sharded:
+            live = list(range(len(self._eligible_names)))
+        else:
+            live = sorted({idx for s in shards for _, _, idx in s.segments if idx >= 0})
+        if needs_robust_gradient(self.rose) and masking_active(self.rose, t) and live and self.robust_capture.empty:
+            raise RuntimeError(
+                f"RoseAdamW(mode={self.rose.mode!r}) step {t}: no robust gradient was captured; "
+                + segments.capture_hint
+            )
+        for unit in segments.units:
+            for s in unit:
+                s.state["step"].fill_(t)
+        try:
+            if self.rose.granularity == "element":
+                self._element_update(segments, live, t)
+            else:
+                self._tensor_update(segments, live, t)
+        finally:
+            self.robust_capture = RobustCapture()
 
-    def _apply(self, group, params, grads, exp_avgs, exp_avg_sqs, coefficients, step: int) -> None:
-        """masked_adamw_ with the group's hyper-parameters (tensors may be views of flat partitions)."""
+    def _tensor_update(self, segments: Segments, live: list[int], t: int) -> None:
+        """Tensor granularity: one ``c`` per eligible tensor from its whole-tensor norms."""
+        cfg, n = self.rose, len(self._eligible_names)
+        coefficients = dict.fromkeys(live, 1.0)
+        if masking_active(cfg, t) and live:
+            robust, second = needs_robust_gradient(cfg), needs_second_order(cfg, t)
+            stats = torch.zeros(3, n, dtype=torch.float64)
+            if robust:
+                captured = self.robust_capture
+                if captured.grads is not None:
+                    pairs = [(i, g) for i, g in enumerate(captured.grads) if g is not None]
+                    stats[0] = index_sum_of_squares(pairs, n)
+                else:
+                    stats[0] = captured.squares
+            if second:
+                held = [(s, a, b, i) for unit in segments.units for s in unit if s.grad is not None
+                        for a, b, i in s.segments if i >= 0]  # fmt: skip
+                stats[1] = index_sum_of_squares([(i, s.view(s.grad, a, b)) for s, a, b, i in held], n)
+                stats[2] = index_sum_of_squares([(i, s.view(s.state["exp_avg"], a, b)) for s, a, b, i in held], n)
+            # The only communication selection adds: 3 x #eligible float64 values.
+            stats = segments.reduce(stats)
+            recorded = torch.full((3, n), float("nan"), dtype=torch.float64)  # NaN where the mode needs no norm
+            rows = ([0] if robust else []) + ([1, 2] if second else [])
+            for r in rows:
+                recorded[r, live] = stats[r, live]
+            self.last_statistics = recorded
+            c = mask_coefficients(cfg, t, len(live), stats[0, live] if robust else None,
+                                  stats[1, live] if second else None, stats[2, live] if second else None)  # fmt: skip
+            coefficients = dict(zip(live, c.tolist()))
+        self.last_mask = {self._eligible_names[i]: coefficients[i] for i in live}
+        for unit in segments.units:
+            pieces = []  # (shard, start, numel, c): contiguous segments of equal c merged into one view
+            for s in unit:
+                if s.grad is not None:
+                    pieces += [(s, a, b, c) for a, b, c in _runs(s.segments, coefficients)]
+            self._update(unit, pieces, t)
+
+    def _element_update(self, segments: Segments, live: list[int], t: int) -> None:
+        """Element granularity: a coefficient per element of every eligible tensor; the band of all
+        ranks' scores comes from ``radix`` (a few all-reduces of 256-bin histograms), never gathered."""
+        cfg, n = self.rose, len(self._eligible_names)
+        active = masking_active(cfg, t)
+        by_index: dict[int, list[tuple[Shard, int, int]]] = {i: [] for i in live}
+        for unit in segments.units:
+            held = [s for s in unit if s.grad is not None]
+            # non-eligible segments (and all of them when nothing is masked): plain AdamW, merged runs
+            plain = [(s, [(a, b, -1) for a, b, i in s.segments if i < 0 or not active]) for s in held]
+            runs = [(s, a, b, 1.0) for s, segs in plain for a, b, _ in _runs(segs, {})]
+            if runs:
+                self._update(unit, runs, t)
+            if active:
+                for s in held:
+                    for a, b, i in s.segments:
+                        if i >= 0:
+                            by_index[i].append((s, a, b))
+        if not active:
+            self.last_mask = {self._eligible_names[i]: 1.0 for i in live}
+            return
+        empty = torch.empty(0)
+
+        def joined(i: int, key: str | None) -> Tensor:
+            """Tensor ``i``'s pieces here as one tensor: the view itself for one piece (the usual case),
+            so scoring reads the shard in place instead of copying gradient and momentum every step."""
+            views = [s.view(s.param if key is None else s.grad if key == "grad" else s.state[key], a, b)
+                     for s, a, b in by_index[i]]  # fmt: skip
+            if len(views) == 1:
+                return views[0]
+            return torch.cat(views) if views else empty
+
+        robust = grads = momenta = None
+        if needs_robust_gradient(cfg):
+            captured = self.robust_capture.grads
+            robust = []
+            for i in live:
+                g = captured[i] if by_index[i] else empty
+                robust.append(torch.zeros_like(joined(i, None)) if g is None else g)
+        if needs_second_order(cfg, t):
+            grads = [joined(i, "grad") for i in live]
+            momenta = [joined(i, "exp_avg") for i in live]
+        masks = element_coefficients(cfg, t, robust, grads, momenta, segments.reduce)
+        counts = torch.zeros(2, n, dtype=torch.float64)  # kept and held elements of each tensor
+        for k, i in enumerate(live):
+            offset = 0
+            for s, a, b in by_index[i]:
+                if masks is None:
+                    c, kept = 1.0, b
+                else:
+                    c = masks[k] if len(by_index[i]) == 1 else masks[k].reshape(-1).narrow(0, offset, b)
+                    kept = float(c.sum(dtype=torch.float64))
+                offset += b
+                self._update([s], [(s, a, b, c)], t)
+                counts[0, i] += kept
+                counts[1, i] += b
+        counts = segments.reduce(counts)  # the kept fraction of each whole tensor, for last_mask
+        self.last_mask = {self._eligible_names[i]: float(counts[0, i] / counts[1, i]) if counts[1, i] else 1.0
+                          for i in live}  # fmt: skip
+
+    def _update(self, unit: list[Shard], pieces: list[tuple[Shard, int, int, float | Tensor]], t: int) -> None:
+        """One masked_adamw_ call over ``(shard, start, numel, c)`` views, with the unit's group's
+        hyper-parameters (the shards of a unit share one param group)."""
+        if not pieces:
+            return
+        group = unit[0].group
         beta1, beta2 = group["betas"]
         masked_adamw_(
-            params, grads, exp_avgs, exp_avg_sqs, coefficients, lr=group["lr"], beta1=beta1, beta2=beta2,
-            eps=group["eps"], weight_decay=group["weight_decay"], step=step, foreach=self.foreach, fused=self.fused,
+            [s.view(s.param, a, b) for s, a, b, _ in pieces], [s.view(s.grad, a, b) for s, a, b, _ in pieces],
+            [s.view(s.state["exp_avg"], a, b) for s, a, b, _ in pieces],
+            [s.view(s.state["exp_avg_sq"], a, b) for s, a, b, _ in pieces], [c for *_, c in pieces],
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=t,
+            foreach=self.foreach, fused=self.fused,
         )  # fmt: skip
+
+    def dense_segments(self, stepping: bool = True) -> Segments:
+        """This optimizer's own tensors as a segments view: each tensor is one whole segment.
+
+        Args:
+            stepping: The tensors with a gradient, one unit per param group (a step); False: every
+                eligible tensor (to set state such as ChildTuning-D's mask).
+        """
+        units: list[list[Shard]] = []
+        for group in self.param_groups:
+            unit = []
+            for p in group["params"]:
+                if (p.grad is None) if stepping else (p not in self._eligible):
+                    continue
+                named = [(0, p.numel(), self._names[p], 0)] if self.method.masks_gradients else []
+                unit.append(Shard(group, p, p.grad if stepping else None, self.state[p],
+                                  [(0, p.numel(), self._eligible.get(p, -1))], named, whole=True))  # fmt: skip
+            if unit:
+                units.append(unit)
+        return Segments(units)
 
     def _init_state(self, p: Tensor) -> None:
         state = self.state[p]
@@ -463,58 +670,48 @@ class RoseAdamW(torch.optim.Optimizer):
             if self.method.fixed_mask:  # ChildTuning-D's mask lives in the state: checkpoints carry it
                 state["child_mask"] = torch.ones_like(p, dtype=torch.bool)
 
-    def set_childtuning_d_fisher(self, fisher: Sequence[Tensor]) -> float:
-        """ChildTuning-D: fixes the gradient mask from the Fisher information of the eligible tensors
-        (one tensor each, in :attr:`eligible_names` order, shaped as the parameter); returns the
-        threshold. Dense use (one process, or ZeRO-0 through :func:`rose_ds.childtuning_d`)."""
+    def set_childtuning_d_fisher(self, fisher: Sequence[Tensor] | Mapping[int, Tensor]) -> float:
+        """ChildTuning-D: fixes the gradient mask from the Fisher information of the eligible tensors;
+        returns the threshold.
+
+        Args:
+            fisher: One tensor per eligible tensor, in :attr:`eligible_names` order, shaped as the
+                parameter (dense use: one process, or ZeRO-0 through :func:`rose_ds.childtuning_d`);
+                or ``{eligible index: this rank's flat fragment}`` over a segments provider (ZeRO
+                1-3), the threshold then taken over every rank's fragments.
+        """
         if not self.method.fixed_mask:
             raise ValueError(f"set_childtuning_d_fisher: the method is {self.method.name!r}, not 'childtuning-d'")
-        params = self._by_index()
-        masks, threshold = childtuning_d_masks(fisher, self.method.childtuning_p)
-        for p, mask in zip(params, masks, strict=True):
-            self._init_state(p)
-            self.state[p]["child_mask"].copy_(mask.view_as(p))
+        segments = self.dense_segments(stepping=False) if self._provider is None else self._provider.resident(self)
+        if isinstance(fisher, Mapping):
+            held = sorted(fisher)
+        else:
+            if len(fisher) != len(self._eligible_names):
+                raise ValueError(f"set_childtuning_d_fisher: {len(fisher)} tensors for "
+                                 f"{len(self._eligible_names)} eligible ones")  # fmt: skip
+            held = list(range(len(fisher)))
+        masks, threshold = childtuning_d_masks([fisher[i] for i in held], self.method.childtuning_p, segments.reduce)
+        by_index = dict(zip(held, masks))
+        for s in (s for unit in segments.units for s in unit):
+            self._init_state(s.param)  # (fills s.state: the same dict)
+            for start, numel, idx in s.segments:
+                if idx in by_index and numel > 0:
+                    target = s.view(s.state["child_mask"], start, numel)
+                    target.copy_(by_index[idx].view_as(target))
         return threshold
 
-    def _global_step(self) -> int:
+    def global_step(self) -> int:
         """Optimizer steps taken so far: the largest ``step`` in the state. Every tensor stepped at
         step ``t`` holds ``t`` (a masked one too), a frozen tensor holds no state at all, and every
         checkpoint path restores these counts, so the count is the optimizer's whatever tensor
         comes first."""
         return max((int(s["step"]) for s in self.state.values() if "step" in s), default=0)
 
+    _global_step = global_step  # the former private name, kept for callers that used it
+
     def _by_index(self) -> list[Tensor]:
         """The eligible tensors in score-vector order."""
         return sorted(self._eligible, key=self._eligible.__getitem__)
-
-    def _select(self, t: int) -> dict[int, float]:
-        """``{eligible index: c}`` for the eligible tensors that have a gradient this step."""
-        cfg = self.rose
-        eligible = self._by_index()
-        live = [i for i, p in enumerate(eligible) if p.grad is not None]
-        params = [eligible[i] for i in live]
-        if not masking_active(cfg, t) or not live:
-            return dict.fromkeys(live, 1.0)
-        stats = torch.full((3, len(self._eligible_names)), float("nan"), dtype=torch.float64)
-        robust_sq = grad_sq = momentum_sq = None
-        if needs_robust_gradient(cfg):
-            if self._robust_grads is not None:
-                robust_sq = _squared_norms([self._robust_grads[i] for i in live])
-            elif self._robust_sq is not None:
-                robust_sq = self._robust_sq[live]
-            else:
-                raise RuntimeError(
-                    f"RoseAdamW(mode={cfg.mode!r}) step {t}: no robust gradient was captured; call "
-                    "opt.capture_robust_grads() after loss_rob.backward(retain_graph=True), before step()"
-                )
-            stats[0, live] = robust_sq
-        if needs_second_order(cfg, t):
-            grad_sq = _squared_norms([p.grad for p in params])
-            momentum_sq = _squared_norms([self.state[p]["exp_avg"] for p in params])
-            stats[1, live], stats[2, live] = grad_sq, momentum_sq
-        self.last_statistics = stats
-        c = mask_coefficients(cfg, t, len(live), robust_sq, grad_sq, momentum_sq)
-        return dict(zip(live, c.tolist()))
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state plus ``rose``: the configuration and the last mask."""
@@ -595,3 +792,28 @@ def _cpu_sum_of_squares(flat: Tensor) -> Tensor:
         body = flat[: rows * CPU_NORM_BLOCK].view(rows, 1, CPU_NORM_BLOCK)
         total = total + torch.bmm(body, body.transpose(1, 2)).to(torch.float64).sum()
     return total
+
+
+def _runs(segments: list[tuple[int, int, int]], c: Mapping[int, float]) -> list[tuple[int, int, float]]:
+    """Contiguous segments with equal ``c`` merged into one view each (fewer kernel launches);
+    a non-eligible segment (index -1) has ``c = 1``."""
+    runs: list[list] = []
+    for start, numel, idx in segments:
+        if numel == 0:
+            continue
+        value = c[idx] if idx >= 0 else 1.0
+        if runs and runs[-1][0] + runs[-1][1] == start and runs[-1][2] == value:
+            runs[-1][1] += numel
+        else:
+            runs.append([start, numel, value])
+    return [tuple(r) for r in runs]
+
+
+def index_sum_of_squares(pairs: list[tuple[int, Tensor]], n: int) -> Tensor:
+    """float64 CPU vector of length ``n``: the sum of the squared L2 norms (:func:`sum_of_squares`) of
+    the tensors listed under each index (the pieces of one tensor; an index without any counts 0)."""
+    out = torch.zeros(n, dtype=torch.float64)
+    pairs = [(i, t) for i, t in pairs if t.numel() > 0]
+    if pairs:
+        out.index_add_(0, torch.tensor([i for i, _ in pairs], dtype=torch.long), sum_of_squares([t for _, t in pairs]))
+    return out

@@ -5,8 +5,8 @@ What each ZeRO stage hands the client optimizer, and what this module does about
 
 * Stage 0: the client sees whole tensors with already-averaged, clipped gradients (fp32), or fp32
   master copies of them (bf16/fp16 through ``FP16_UnfusedOptimizer``). Every rank holds the full
-  reduced gradient, so every rank computes the same statistics with no communication; RoseAdamW's
-  dense path runs unchanged.
+  reduced gradient, so every rank computes the same statistics with no communication; RoseAdamW
+  steps its own tensors (fp32 master copies under bf16/fp16, re-keyed at binding).
 * Stages 1-3: the client sees one flat fp32 partition per param group (stage 3: per sub-group)
   and is called once per partition. Each partition is cut into *segments*, the fragments of model
   tensors that this rank owns. Statistics are sums of squares over local segments, all-reduced over
@@ -14,6 +14,8 @@ What each ZeRO stage hands the client optimizer, and what this module does about
   the same mask. The update of all partitions is deferred to the last client call of the engine
   step (the mask needs every partition's clipped gradient), after which the fp32 -> model-dtype
   copy that DeepSpeed already made for the earlier partitions is redone.
+* The step itself is RoseAdamW's (one step for every layout): :class:`ZeroBinding` is its segments
+  provider and supplies only the segments, the all-reduce and the robust gradient.
 * The robust-loss gradient is reduced by DeepSpeed itself: ``engine.backward(L_rob)`` runs before
   ``engine.backward(L_task)``, its reduced partition is read, and the stores DeepSpeed accumulates
   into are swapped (or, at stage 3, snapshotted) so the task gradient is never mixed with it.
@@ -36,15 +38,12 @@ from torch import Tensor, nn
 
 from rose_ds.config import RoseConfig
 from rose_ds.losses import RoseLosses, rose_losses, task_loss
-from rose_ds.methods import MethodConfig, childtuning_d_masks, childtuning_f_, tensor_key
-from rose_ds.optim import RoseAdamW, masked_adamw_elements_, sum_of_squares
-from rose_ds.selection import (
-    element_coefficients,
-    mask_coefficients,
-    masking_active,
-    needs_robust_gradient,
-    needs_second_order,
-)
+from rose_ds.methods import MethodConfig
+from rose_ds.optim import RobustCapture, RoseAdamW, Segments, Shard, index_sum_of_squares
+from rose_ds.selection import masking_active, needs_robust_gradient
+
+# What a ZeRO step tells a user who forgot the robust gradient.
+CAPTURE_HINT = "use rose_ds.train_step(engine, ...) or rose_ds.backward(engine, losses) before engine.step()"
 
 
 class UnsupportedConfigError(ValueError):
@@ -153,7 +152,7 @@ def initialize(
                           method=method)  # fmt: skip
     # FP16_UnfusedOptimizer (stage 0, bf16/fp16) calls step() once inside initialize with zero
     # gradients; until bound, step() only creates the state.
-    optimizer._await_binding = True
+    optimizer.expect_provider()
     engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, **deepspeed_kwargs
     )
@@ -187,13 +186,13 @@ def bind(engine) -> RoseAdamW:
     """Binds the RoseAdamW inside an engine that something else built (the Hugging Face Trainer,
     through accelerate) to the engine's ZeRO partitions; returns it. Does nothing the second time.
 
-    Build the optimizer with ``_await_binding = True`` (see :func:`initialize`) and its config with
-    :func:`prepare_config`.
+    Call ``expect_provider()`` on the optimizer before the engine is built (see :func:`initialize`)
+    and make its config with :func:`prepare_config`.
     """
     opt = getattr(engine, "basic_optimizer", None)
     if not isinstance(opt, RoseAdamW):
         raise TypeError(f"the engine's optimizer is {type(opt).__name__}, not RoseAdamW")
-    if getattr(opt, "_binding", None) is None:
+    if not isinstance(opt.provider, ZeroBinding):
         ZeroBinding(engine, opt)
     return opt
 
@@ -201,7 +200,7 @@ def bind(engine) -> RoseAdamW:
 def rose_optimizer(engine) -> RoseAdamW:
     """The RoseAdamW inside a DeepSpeed engine made by :func:`initialize`."""
     opt = getattr(engine, "basic_optimizer", None)
-    if not isinstance(opt, RoseAdamW) or getattr(opt, "_binding", None) is None:
+    if not isinstance(opt, RoseAdamW) or not isinstance(opt.provider, ZeroBinding):
         raise TypeError(
             "this engine has no bound RoseAdamW; create it with rose_ds.initialize(model, config, rose=...)"
         )
@@ -225,7 +224,7 @@ def backward(
     (:func:`make_recompute`; :func:`train_step` does this for you). Returns the losses whose task
     loss was back-propagated.
     """
-    binding = rose_optimizer(engine)._binding
+    binding = rose_optimizer(engine).provider
     task_backward = task_backward or engine.backward
     if losses.robust is None or not binding.wants_robust():
         task_backward(losses.task)
@@ -298,7 +297,7 @@ def childtuning_d(engine, batches: Iterable[tuple[Mapping[str, Tensor], Tensor]]
     opt = rose_optimizer(engine)
     if not opt.method.fixed_mask:
         raise ValueError(f"rose_ds.childtuning_d: the engine's method is {opt.method.name!r}, not 'childtuning-d'")
-    binding = opt._binding
+    binding = opt.provider
     was_training = engine.training
     engine.eval()  # dropout off: the Fisher information of the pre-trained weights, not of a random sub-network
     fisher: dict[int, Tensor] = {}
@@ -312,7 +311,7 @@ def childtuning_d(engine, batches: Iterable[tuple[Mapping[str, Tensor], Tensor]]
     finally:
         engine.set_gradient_accumulation_boundary(None)  # back to DeepSpeed's own counting
         engine.train(was_training)
-    return binding.set_child_masks(fisher)
+    return opt.set_childtuning_d_fisher(fisher)
 
 
 def _load_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
@@ -349,7 +348,9 @@ def check_config(cfg: Mapping[str, Any]) -> None:
 
 
 class ZeroBinding:
-    """Connects a RoseAdamW to the partitions of one DeepSpeed engine (see the module docstring)."""
+    """Connects a RoseAdamW to the partitions of one DeepSpeed engine (see the module docstring): the
+    optimizer's segments provider (:class:`rose_ds.optim.SegmentsProvider`). It supplies this rank's
+    segments, the all-reduce over the partition group and the robust gradient; the step is RoseAdamW's."""
 
     def __init__(self, engine, opt: RoseAdamW) -> None:
         from deepspeed.runtime.pipe.engine import PipelineEngine
@@ -369,17 +370,14 @@ class ZeroBinding:
         index = {n: i for i, n in enumerate(opt.eligible_names)}
         self._index_of = {p: index[n] for p, n in names.items() if n in index}
         self._model_params = [p for p in engine.module.parameters() if p.requires_grad]
-        self._robust_sq: Tensor | None = None  # this rank's partial robust sums of squares
-        self._robust_fragments: dict[int, Tensor] | None = None  # element granularity: the fragments themselves
         self._robust_store: dict[Any, Any] = {}  # accumulated robust gradient between micro-batches
         self._micro = 0  # micro-batches seen in the current accumulation window
-        self._stash: list[tuple[dict[str, Any], list[Tensor], list[Tensor | None]]] = []
+        self._stash: list[Shard] = []  # this engine step's partitions so far
         self.offload = False
         # stages 1/2: groups whose reduced gradient DeepSpeed accumulates in a compact fp32 partition
         # held in averaged_gradients[i] (bf16/fp16 with data_types.grad_accum_dtype 'fp32')
         self._compact: dict[int, bool] = {}
         self._grad_accum_attr = False  # stage 1 accumulates in param.grad_accum, not param.grad
-        self.flat = self.stage > 0
         _require(engine, "basic_optimizer", "is_gradient_accumulation_boundary")
         if self.stage == 0:
             self._bind_stage0()
@@ -387,8 +385,7 @@ class ZeroBinding:
             self._bind_stage12()
         else:
             self._bind_stage3()
-        opt._binding = self
-        opt._await_binding = False
+        opt.attach(self)
 
     # ------------------------------------------------------------------ binding
     def _bind_stage0(self) -> None:
@@ -402,13 +399,11 @@ class ZeroBinding:
             )
         _require(self.zo, "fp16_groups", "fp32_groups")
         # The client steps fp32 master copies, not the model's tensors: key eligibility by the copies.
-        eligible: dict[Tensor, int] = {}
-        for lp_group, hp_group in zip(self.zo.fp16_groups, self.zo.fp32_groups, strict=True):
-            for lp, hp in zip(lp_group, hp_group, strict=True):
-                if lp in self._index_of:
-                    eligible[hp] = self._index_of[lp]
-                self.opt._names[hp] = self._names[lp]
-        self.opt._eligible = eligible
+        self.opt.use_master_copies(
+            (hp, self._names[lp])
+            for lp_group, hp_group in zip(self.zo.fp16_groups, self.zo.fp32_groups, strict=True)
+            for lp, hp in zip(lp_group, hp_group, strict=True)
+        )
 
     def _bind_stage12(self) -> None:
         zo = self.zo
@@ -490,7 +485,7 @@ class ZeroBinding:
     # ------------------------------------------------------------------ robust gradient
     def wants_robust(self) -> bool:
         """Whether the coming optimizer step scores tensors with a robust gradient."""
-        return needs_robust_gradient(self.opt.rose) and masking_active(self.opt.rose, self.opt._global_step() + 1)
+        return needs_robust_gradient(self.opt.rose) and masking_active(self.opt.rose, self.opt.global_step() + 1)
 
     def robust_backward(self, loss_rob: Tensor) -> None:
         """``engine.backward(loss_rob)`` with the task gradient accumulated so far kept out of it.
@@ -527,36 +522,14 @@ class ZeroBinding:
         unscaled), through the robust-gradient path; call at an accumulation boundary, outside a
         training step. Nothing is stepped and no gradient is left behind."""
         opt = self.opt
-        saved = (opt.rose, self._robust_sq, self._robust_fragments, self._robust_store, self._micro,
-                 opt._robust_sq, opt._robust_grads)  # fmt: skip
+        saved = (opt.rose, opt.robust_capture, self._robust_store, self._micro)
         opt.rose = dataclasses.replace(opt.rose, granularity="element")  # keep the fragments themselves
-        self._robust_store, self._micro = {}, 0
+        opt.robust_capture, self._robust_store, self._micro = RobustCapture(), {}, 0
         try:
             self.robust_backward(loss)
-            if self.stage == 0:
-                return {i: g.reshape(-1) for i, g in enumerate(opt._robust_grads) if g is not None}
-            return dict(self._robust_fragments or {})
+            return {i: g.reshape(-1) for i, g in enumerate(opt.robust_capture.grads or []) if g is not None}
         finally:
-            (opt.rose, self._robust_sq, self._robust_fragments, self._robust_store, self._micro, opt._robust_sq,
-             opt._robust_grads) = saved  # fmt: skip
-
-    def set_child_masks(self, fisher: dict[int, Tensor]) -> float:
-        """ChildTuning-D: the kept elements from this rank's Fisher fragments, written into the
-        optimizer state (``child_mask``) where the step reads them; returns the threshold."""
-        opt = self.opt
-        if self.stage == 0:  # whole tensors on every rank
-            params = sorted(opt._eligible, key=opt._eligible.__getitem__)
-            return opt.set_childtuning_d_fisher([fisher[i].view_as(p) for i, p in enumerate(params)])
-        held = sorted(fisher)
-        masks, threshold = childtuning_d_masks([fisher[i] for i in held], opt.method.childtuning_p, self._all_reduce)
-        by_index = dict(zip(held, masks))
-        for flat in self._flats:
-            opt._init_state(flat)
-            child = opt.state[flat]["child_mask"]
-            for start, numel, idx in self._segments[id(flat)]:
-                if idx in by_index and numel > 0:
-                    child.narrow(0, start, numel).copy_(by_index[idx])
-        return threshold
+            opt.rose, opt.robust_capture, self._robust_store, self._micro = saved
 
     def _swap_stores(self, store: dict[Any, Any]) -> dict[Any, Any]:
         """Puts ``store`` where DeepSpeed accumulates gradients and returns what was there.
@@ -654,183 +627,55 @@ class ZeroBinding:
         ]
 
     def _set_robust_statistics(self, fragments: list[tuple[int, Tensor]]) -> None:
+        n = len(self.opt.eligible_names)
         if self.opt.rose.granularity == "element":  # element scores need the gradient itself (O(P/N))
             scale = float(self.zo.loss_scale) if self.loss_scaled else 1.0  # a power of two: exact
             kept = {i: f.detach().to(torch.float32).div(scale) for i, f in fragments}
-            if self.stage == 0:  # the dense path of RoseAdamW.step() reads them, shaped as the parameters
-                self.opt._robust_grads = [kept.get(i) for i in range(len(self.opt.eligible_names))]
-            else:  # flat, like the partition segments they are scored with
-                self._robust_fragments = {i: f.reshape(-1) for i, f in kept.items()}
+            if self.stage > 0:  # flat, like the partition segments they are scored with (stage 0: shaped)
+                kept = {i: f.reshape(-1) for i, f in kept.items()}
+            self.opt.robust_capture = RobustCapture(grads=[kept.get(i) for i in range(n)])
             return
-        sq = _index_sum_of_squares(fragments, len(self.opt.eligible_names))
+        sq = index_sum_of_squares(fragments, n)  # stages 1-3: this rank's partial sums
         if self.loss_scaled:  # fp16: gradients are still multiplied by the loss scale here
             sq /= float(self.zo.loss_scale) ** 2
-        if self.stage == 0:
-            self.opt._robust_sq = sq  # the dense path of RoseAdamW.step() reads it
-        else:
-            self._robust_sq = sq
+        self.opt.robust_capture = RobustCapture(squares=sq)
 
-    # ------------------------------------------------------------------ client step (stages 1-3)
-    def client_step(self) -> None:
-        """Called from RoseAdamW.step() for each partition; acts at the last one of the engine step."""
-        opt = self.opt
+    # ------------------------------------------------------------------ segments (the provider)
+    def segments(self, opt: RoseAdamW) -> Segments | None:
+        """Called from RoseAdamW.step() for each partition; hands the step every partition at the
+        last one of the engine step (the mask needs every partition's clipped gradient)."""
+        if self.stage == 0:  # whole tensors (or their fp32 master copies) with full reduced gradients
+            return dataclasses.replace(opt.dense_segments(), capture_hint=CAPTURE_HINT)
         for group in opt.param_groups:
             for flat in group["params"]:  # (its state exists already: DeepSpeed links it right after this call)
-                self._stash.append((group, [flat], [flat.grad]))
+                self._stash.append(self._shard(opt, group, flat, flat.grad))
         if len(self._stash) < len(self._flats):
-            return
+            return None
         stash, self._stash = self._stash, []
-        flats = [f for _, fs, _ in stash for f in fs]
-        t = int(max(float(opt.state[f]["step"]) for f in flats)) + 1
-        if opt.method.fixed_mask:  # ChildTuning-D: this rank's eligible segments, masked by the Fisher pass
-            for _, fs, grads in stash:
-                for flat, grad in zip(fs, grads):
-                    if grad is None:
-                        continue
-                    child = opt.state[flat]["child_mask"]
-                    for start, numel, idx in self._segments[id(flat)]:
-                        if idx >= 0 and numel > 0:
-                            grad.narrow(0, start, numel).mul_(child.narrow(0, start, numel))
-        if opt.method.masks_gradients:  # ChildTuning-F: each rank masks its own elements, as one process would
-            for _, fs, grads in stash:
-                for flat, grad in zip(fs, grads):
-                    for start, numel, name, offset in self._named_segments[id(flat)] if grad is not None else []:
-                        if numel > 0:
-                            childtuning_f_(grad.narrow(0, start, numel), tensor_key(name, opt.method.seed, t), offset,
-                                           opt.method.childtuning_p)  # fmt: skip
-        if opt.rose.granularity == "element":
-            self._element_client_step(t, stash)
-            for flat in flats[:-1]:
-                self._recopy_to_model(flat)
-            return
-        coefficients = self._coefficients(t, stash)
-        opt.last_mask = dict(zip(opt.eligible_names, coefficients.tolist()))
-        c_list = coefficients.tolist()
-        for group, fs, grads in stash:
-            for flat, grad in zip(fs, grads):
-                state = opt.state[flat]
-                state["step"].fill_(t)
-                runs = _runs(self._segments[id(flat)], c_list)
-                if not runs or grad is None:
-                    continue
-                views = [(start, numel) for start, numel, _ in runs]
-                opt._apply(
-                    group,
-                    [flat.narrow(0, s, n) for s, n in views],
-                    [grad.narrow(0, s, n) for s, n in views],
-                    [state["exp_avg"].narrow(0, s, n) for s, n in views],
-                    [state["exp_avg_sq"].narrow(0, s, n) for s, n in views],
-                    [c for _, _, c in runs],
-                    t,
-                )
-        # DeepSpeed already copied the earlier partitions to the model dtype (before we updated them).
-        for flat in flats[:-1]:
-            self._recopy_to_model(flat)
-        self._robust_sq = None
+        return Segments([[s] for s in stash], self._all_reduce, sharded=True, capture_hint=CAPTURE_HINT)
+
+    def resident(self, opt: RoseAdamW) -> Segments:
+        """Every partition this rank holds."""
+        if self.stage == 0:
+            return opt.dense_segments(stepping=False)
+        shards = [self._shard(opt, {}, flat, None) for flat in self._flats]
+        return Segments([shards], self._all_reduce, sharded=True, capture_hint=CAPTURE_HINT)
+
+    def stepped(self, segments: Segments) -> None:
+        """DeepSpeed already copied the earlier partitions to the model dtype (before they were updated)."""
+        if self.stage > 0:
+            for unit in segments.units[:-1]:
+                self._recopy_to_model(unit[0].param)
+
+    def _shard(self, opt: RoseAdamW, group: dict[str, Any], flat: Tensor, grad: Tensor | None) -> Shard:
+        named = self._named_segments[id(flat)] if opt.method.masks_gradients else []
+        return Shard(group, flat, grad, opt.state[flat], self._segments[id(flat)], named)
 
     def _all_reduce(self, t: Tensor) -> Tensor:
         """Sum over the data-parallel group, on the accelerator (NCCL needs device tensors)."""
         on_device = t.to(get_accelerator().current_device_name())
         dist.all_reduce(on_device, group=self.group)
         return on_device.cpu()
-
-    def _element_client_step(self, t: int, stash) -> None:
-        """Element granularity over flat partitions: this rank scores its own segments; the band of all
-        ranks' scores comes from ``radix`` (a few all-reduces of 256-bin histograms), never gathered."""
-        opt, cfg, n = self.opt, self.opt.rose, len(self.opt.eligible_names)
-        active = masking_active(cfg, t)
-        local = []  # (group, flat, grad, state, start, numel, idx) of every eligible segment held here
-        for group, fs, grads in stash:
-            for flat, grad in zip(fs, grads):
-                state = opt.state[flat]
-                state["step"].fill_(t)
-                if grad is None:
-                    continue
-                # non-eligible segments (and all of them when nothing is masked): plain AdamW, merged runs
-                runs = _runs([(a, b, -1) for a, b, i in self._segments[id(flat)] if i < 0 or not active], [])
-                if runs:
-                    views = [(a, b) for a, b, _ in runs]
-                    tensors = [[x.narrow(0, a, b) for a, b in views] for x in (flat, grad, state["exp_avg"],
-                                                                               state["exp_avg_sq"])]  # fmt: skip
-                    opt._apply(group, *tensors, [1.0] * len(views), t)
-                if active:
-                    local += [(group, flat, grad, state, a, b, i) for a, b, i in self._segments[id(flat)] if i >= 0]
-        if not active:
-            opt.last_mask = dict.fromkeys(opt.eligible_names, 1.0)
-            return
-        # one score tensor per eligible tensor (this rank's fragment, possibly empty), in index order, so
-        # that every rank makes the same collective calls whatever it holds
-        by_index: dict[int, list] = {i: [] for i in range(n)}
-        for entry in local:
-            by_index[entry[6]].append(entry)
-        empty = torch.empty(0)
-        robust = grads = momenta = None
-        if needs_robust_gradient(cfg):
-            if self._robust_fragments is None:
-                raise RuntimeError(
-                    f"RoseAdamW(mode={cfg.mode!r}) step {t}: no robust gradient was captured; use "
-                    "rose_ds.train_step(engine, ...) or rose_ds.backward(engine, losses) before engine.step()"
-                )
-            robust = [self._robust_fragments.get(i, empty) if by_index[i] else empty for i in range(n)]
-        if needs_second_order(cfg, t):
-            grads = [_joined([e[2].narrow(0, e[4], e[5]) for e in by_index[i]], empty) for i in range(n)]
-            momenta = [_joined([e[3]["exp_avg"].narrow(0, e[4], e[5]) for e in by_index[i]], empty) for i in range(n)]
-        masks = element_coefficients(cfg, t, robust, grads, momenta, self._all_reduce)
-        counts = torch.zeros(2, n, dtype=torch.float64)
-        for i in range(n):
-            offset = 0
-            for group, flat, grad, state, start, numel, _ in by_index[i]:
-                c = None if masks is None else masks[i].narrow(0, offset, numel)
-                offset += numel
-                views = [x.narrow(0, start, numel) for x in (flat, grad, state["exp_avg"], state["exp_avg_sq"])]
-                if c is None:
-                    opt._apply(group, *[[v] for v in views], [1.0], t)
-                    counts[0, i] += numel
-                    continue
-                beta1, beta2 = group["betas"]
-                masked_adamw_elements_(*views, c, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                                       weight_decay=group["weight_decay"], step=t)  # fmt: skip
-                counts[0, i] += float(c.sum(dtype=torch.float64))
-            counts[1, i] += sum(e[5] for e in by_index[i])
-        counts = self._all_reduce(counts)  # the kept fraction of each whole tensor, for last_mask
-        opt.last_mask = {name: float(counts[0, i] / counts[1, i]) if counts[1, i] else 1.0
-                         for i, name in enumerate(opt.eligible_names)}  # fmt: skip
-        self._robust_fragments = None
-
-    def _coefficients(self, t: int, stash) -> Tensor:
-        cfg, n = self.opt.rose, len(self.opt.eligible_names)
-        if not masking_active(cfg, t) or n == 0:
-            return mask_coefficients(cfg, t, n)
-        robust_needed, second = needs_robust_gradient(cfg), needs_second_order(cfg, t)
-        if robust_needed and self._robust_sq is None:
-            raise RuntimeError(
-                f"RoseAdamW(mode={cfg.mode!r}) step {t}: no robust gradient was captured; use "
-                "rose_ds.train_step(engine, ...) or rose_ds.backward(engine, losses) before engine.step()"
-            )
-        device = get_accelerator().current_device_name()
-        stats = torch.zeros(3, n, dtype=torch.float64, device=device)
-        if robust_needed:
-            stats[0] = self._robust_sq.to(device)
-        if second:
-            grads, moms = [], []
-            for _, fs, gs in stash:
-                for flat, grad in zip(fs, gs):
-                    for start, numel, idx in self._segments[id(flat)]:
-                        if idx >= 0:
-                            grads.append((idx, grad.narrow(0, start, numel)))
-                            moms.append((idx, self.opt.state[flat]["exp_avg"].narrow(0, start, numel)))
-            stats[1] = _index_sum_of_squares(grads, n).to(device)
-            stats[2] = _index_sum_of_squares(moms, n).to(device)
-        # The only communication selection adds: 3 x #eligible float64 values.
-        dist.all_reduce(stats, group=self.group)
-        stats = stats.cpu()
-        recorded = stats.clone()  # RoseAdamW.last_statistics: NaN where the mode needs no norm
-        if not robust_needed:
-            recorded[0] = float("nan")
-        if not second:
-            recorded[1:] = float("nan")
-        self.opt.last_statistics = recorded
-        return mask_coefficients(cfg, t, n, stats[0], stats[1], stats[2])
 
     def _recopy_to_model(self, flat: Tensor) -> None:
         zo = self.zo
@@ -840,14 +685,6 @@ class ZeroBinding:
             zo.parallel_partitioned_bit16_groups[i][rank].data.copy_(flat.data)
         else:
             zo._reassign_or_swap_out_partitioned_parameters(i)
-
-
-def _joined(views: list[Tensor], empty: Tensor) -> Tensor:
-    """One tensor's local pieces as one vector: the view itself when there is one piece (the usual case),
-    so scoring reads the shard in place instead of copying gradient and momentum every step."""
-    if len(views) == 1:
-        return views[0]
-    return torch.cat(views) if views else empty
 
 
 def _require(obj: Any, *names: str) -> None:
@@ -864,26 +701,3 @@ def _require(obj: Any, *names: str) -> None:
 def _ranks(group) -> list[int]:
     # (deepspeed.comm.get_all_ranks_from_group loops forever on torch 2.13: it waits for an exception)
     return [dist.get_global_rank(group, r) for r in range(dist.get_world_size(group=group))]
-
-
-def _runs(segments: list[tuple[int, int, int]], c: list[float]) -> list[tuple[int, int, float]]:
-    """Contiguous segments with equal ``c`` merged into one view each (fewer kernel launches)."""
-    runs: list[list] = []
-    for start, numel, idx in segments:
-        if numel == 0:
-            continue
-        value = c[idx] if idx >= 0 else 1.0
-        if runs and runs[-1][0] + runs[-1][1] == start and runs[-1][2] == value:
-            runs[-1][1] += numel
-        else:
-            runs.append([start, numel, value])
-    return [tuple(r) for r in runs]
-
-
-def _index_sum_of_squares(pairs: list[tuple[int, Tensor]], n: int) -> Tensor:
-    """float64 vector of length n: sum of squared L2 norms of the tensors listed under each index."""
-    out = torch.zeros(n, dtype=torch.float64)
-    pairs = [(i, t) for i, t in pairs if t.numel() > 0]
-    if pairs:
-        out.index_add_(0, torch.tensor([i for i, _ in pairs], dtype=torch.long), sum_of_squares([t for _, t in pairs]))
-    return out
