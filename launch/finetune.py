@@ -267,8 +267,10 @@ def main(argv: list[str] | None = None) -> dict:
         plot_run(state.log_history, state.mask_history, optimizer.eligible_names, out / "training.png")
         summary = f"clean validation accuracy {metrics['accuracy']:.4f}"
         if "adv_accuracy" in metrics:
-            summary += f", AdvGLUE {task.task if task.task != 'rotten_tomatoes' else 'sst2'} accuracy " \
-                       f"{metrics['adv_accuracy']:.4f}"
+            summary += (
+                f", AdvGLUE {task.task if task.task != 'rotten_tomatoes' else 'sst2'} accuracy "
+                f"{metrics['adv_accuracy']:.4f}"
+            )
         print(f"finished {engine.global_steps} steps in {runtime:.0f} s: {summary}")
     logger.close()
     return results
