@@ -1,7 +1,15 @@
 """rose_ds: ROSE (robust selective fine-tuning) as an AdamW that runs on DeepSpeed ZeRO shards."""
 
 from rose_ds.config import RoseConfig, RoseConfigError
-from rose_ds.losses import RoseLosses, robust_loss, rose_losses, task_loss
+from rose_ds.losses import (
+    RoseLosses,
+    TokenLosses,
+    causal_lm_losses,
+    robust_loss,
+    rose_losses,
+    task_loss,
+    token_losses,
+)
 from rose_ds.optim import RoseAdamW, masked_adamw_
 from rose_ds.selection import NoEligibleTensorError
 
@@ -36,9 +44,12 @@ __all__ = [
     "RoseConfig",
     "RoseConfigError",
     "RoseLosses",
+    "TokenLosses",
+    "causal_lm_losses",
     "masked_adamw_",
     "robust_loss",
     "rose_losses",
     "task_loss",
+    "token_losses",
     *_ZERO_API,
 ]

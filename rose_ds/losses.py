@@ -7,16 +7,26 @@
 
 For a regression head (one output) the task loss is the averaged MSE and ``L_rob`` is the MSE
 between the two outputs.
+
+For a causal LM the same two losses are taken per supervised token (:func:`token_losses`): ``L_task``
+is the mean next-token cross-entropy of the two passes over the tokens whose label is not -100, and
+``L_rob`` the symmetric KL between the two passes' next-token distributions summed over those tokens,
+divided by 4 (a token plays the part of a classification example, the vocabulary that of the classes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+# Label of a position the loss skips (prompt and padding tokens), as in Hugging Face and PyTorch.
+IGNORE_INDEX = -100
 
 
 class RoseLosses(NamedTuple):
@@ -96,4 +106,155 @@ def stack_batch(value: Any, batch: int, times: int) -> Any:
     return value
 
 
-__all__ = ["RoseLosses", "robust_loss", "rose_losses", "task_loss"]
+class TokenLosses(NamedTuple):
+    """A causal LM's task and robust losses over its supervised tokens.
+
+    Attributes:
+        task: Mean next-token cross-entropy over the supervised tokens (of the two passes, averaged).
+        robust: ``sum over supervised tokens of KL(P2 || P1) + KL(P1 || P2)``, divided by 4; None for
+            one pass.
+        tokens: How many tokens were supervised.
+    """
+
+    task: Tensor
+    robust: Tensor | None
+    tokens: int
+
+
+def supervised_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Where a causal LM is scored: the flat indices into ``[batch, length - 1]`` positions whose next
+    token is supervised (label not -100), and those next tokens."""
+    targets = labels[:, 1:].reshape(-1)
+    where = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
+    return where, targets[where]
+
+
+def token_losses(
+    hidden: Tensor,
+    head: Callable[[Tensor], Tensor],
+    labels: Tensor,
+    *,
+    two_passes: bool = True,
+    chunk_tokens: int = 1024,
+) -> TokenLosses:
+    """ROSE's two losses of a causal LM from its final hidden states, a chunk of tokens at a time.
+
+    The logits of the supervised tokens are made by ``head`` ``chunk_tokens`` tokens at a time, in
+    float32, and are recomputed in the backward pass (activation checkpointing per chunk): whatever
+    the batch and sequence length, the losses hold a few fp32 ``[chunk_tokens, vocabulary]`` tensors
+    at once (each pass's logits and log-probabilities, in the backward their gradients), instead of
+    each pass's fp32 logits over every token of the batch.
+
+    Args:
+        hidden: ``[passes * batch, length, hidden]``: the model's last hidden states, the second pass's
+            batch stacked after the first's (as :func:`rose_losses` runs the two passes).
+        head: Maps hidden states to vocabulary logits (the model's output embedding).
+        labels: ``[batch, length]`` token ids, ``-100`` where the loss skips a token (prompt, padding);
+            position ``t`` predicts token ``t + 1``, as in Hugging Face's causal LMs.
+        two_passes: False: ``hidden`` is one pass, ``robust`` is None.
+        chunk_tokens: Tokens per chunk.
+
+    Returns:
+        The losses; a batch without a supervised token gives zero losses that still depend on the
+        graph (so that every rank's backward runs the same collectives).
+
+    Raises:
+        ValueError: when the shapes of ``hidden`` and ``labels`` do not match, or ``chunk_tokens < 1``.
+    """
+    passes = 2 if two_passes else 1
+    batch, length = labels.shape
+    if hidden.dim() != 3 or hidden.shape[:2] != (passes * batch, length):
+        raise ValueError(
+            f"token_losses: hidden states of shape {tuple(hidden.shape)} do not hold {passes} pass(es) of "
+            f"labels of shape {tuple(labels.shape)}"
+        )
+    if chunk_tokens < 1:
+        raise ValueError(f"token_losses: chunk_tokens must be >= 1, got {chunk_tokens}")
+    where, targets = supervised_positions(labels)
+    n = int(where.numel())
+    flat = hidden[:, :-1].reshape(passes, batch * (length - 1), hidden.shape[-1])
+    if n == 0:  # zero, but through the graph: the backward still reaches every parameter
+        zero = hidden.sum() * 0.0
+        return TokenLosses(zero, zero if two_passes else None, 0)
+    ce_sum = kl_sum = None
+    for start in range(0, n, chunk_tokens):
+        idx = where[start : start + chunk_tokens]
+        h = flat[:, idx]
+        y = targets[start : start + chunk_tokens]
+        ce, kl = checkpoint(_chunk_losses, h, y, head, two_passes, use_reentrant=False)
+        ce_sum = ce if ce_sum is None else ce_sum + ce
+        kl_sum = kl if kl_sum is None else kl_sum + kl
+    task = ce_sum / (passes * n)
+    return TokenLosses(task, kl_sum / 4 if two_passes else None, n)
+
+
+def causal_lm_losses(
+    model: Any, inputs: Mapping[str, Tensor], labels: Tensor, *, two_passes: bool = True, chunk_tokens: int = 1024
+) -> TokenLosses:
+    """Runs one or two dropout passes of a causal LM and returns ROSE's token losses (:func:`token_losses`).
+
+    The passes run as one forward over the batch stacked twice (as in :func:`rose_losses`), with the
+    model's output embedding set aside so that the forward returns the last hidden states instead of
+    the whole batch's logits; the output embedding then makes the logits a chunk of tokens at a time.
+
+    Args:
+        model: A Hugging Face causal LM whose forward applies its output embedding
+            (``get_output_embeddings()``) last, to the last hidden states (Llama, Qwen2, Mistral,
+            GPT-2 and their kin), or a DeepSpeed engine wrapping one; in training mode with two passes.
+        inputs: Keyword inputs of the model (without ``labels``).
+        labels: ``[batch, length]``: the input ids with ``-100`` where the loss skips a token.
+        two_passes: As in :func:`rose_losses`.
+        chunk_tokens: Tokens whose logits are made at once.
+
+    Raises:
+        ValueError: as :func:`rose_losses` for a model in eval mode, or when the model has no output
+            embedding.
+    """
+    if two_passes and not getattr(model, "training", True):
+        raise ValueError(
+            "causal_lm_losses: the model is in eval mode; call model.train() so the two dropout passes differ"
+        )
+    n = labels.shape[0]
+    if two_passes:
+        inputs = {k: stack_batch(v, n, 2) for k, v in inputs.items()}
+    with _hidden_states_out(getattr(model, "module", model)) as head:
+        hidden = model(**inputs, use_cache=False).logits
+    return token_losses(hidden, head, labels, two_passes=two_passes, chunk_tokens=chunk_tokens)
+
+
+@contextmanager
+def _hidden_states_out(model: Any) -> Iterator[torch.nn.Module]:
+    """Within the block the model's output embedding is the identity; yields the real one."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(f"causal_lm_losses: {type(model).__name__} has no output embedding (get_output_embeddings())")
+    model.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield head
+    finally:
+        model.set_output_embeddings(head)
+
+
+def _chunk_losses(h: Tensor, y: Tensor, head: Callable[[Tensor], Tensor], two_passes: bool) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy over the passes, and the summed symmetric KL, of one chunk of tokens."""
+    logp = [F.log_softmax(head(h[p]).float(), dim=-1) for p in range(h.shape[0])]
+    ce = sum(F.nll_loss(lp, y, reduction="sum") for lp in logp)
+    if not two_passes:
+        return ce, ce.new_zeros(())
+    kl = F.kl_div(logp[0], logp[1], reduction="sum", log_target=True) + F.kl_div(
+        logp[1], logp[0], reduction="sum", log_target=True
+    )
+    return ce, kl
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "RoseLosses",
+    "TokenLosses",
+    "causal_lm_losses",
+    "robust_loss",
+    "rose_losses",
+    "supervised_positions",
+    "task_loss",
+    "token_losses",
+]

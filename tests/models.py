@@ -61,3 +61,22 @@ def decay_groups(model):
     for name, p in model.named_parameters():
         (no_decay if ("bias" in name or "LayerNorm" in name) else decay).append(name)
     return decay, no_decay
+
+
+def tiny_decoder(family: str, dropout: float = 0.1, seed: int = 0, vocab: int = 50):
+    """A 2-layer causal LM of a decoder family ('llama', 'qwen2', 'gpt2') from config (no download)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    shape = dict(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, attention_dropout=dropout, bos_token_id=0, eos_token_id=1)  # fmt: skip
+    if family == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**shape))
+    elif family == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**shape))
+    else:
+        cfg = tf.GPT2Config(vocab_size=vocab, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0,
+                            eos_token_id=1, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)  # fmt: skip
+        model = tf.GPT2LMHeadModel(cfg)
+    model.train()
+    return model

@@ -28,6 +28,16 @@ def reference_losses(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor) -
     return 0.5 * ce1 + 0.5 * ce2, l_rob
 
 
+def reference_token_losses(
+    z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal LM, from whole ``[batch, length, vocab]`` logits: position t predicts token t + 1, tokens
+    labelled -100 are skipped; the classification formulas with a supervised token as the example."""
+    y = labels[:, 1:]
+    keep = y != -100
+    return reference_losses(z1[:, :-1][keep].float(), z2[:, :-1][keep].float(), y[keep])
+
+
 def _symmetric_kl_sum(za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
     pa, pb = torch.softmax(za, -1), torch.softmax(zb, -1)
     la, lb = torch.log_softmax(za, -1), torch.log_softmax(zb, -1)

@@ -68,3 +68,85 @@ def test_eval_mode_is_refused():
     inputs, labels = random_batch(0)
     with pytest.raises(ValueError, match="model.train"):
         rose_losses(model, inputs, labels)
+
+
+def _token_case(seed, batch=3, length=7, hidden=5, vocab=11):
+    """Fresh random hidden states of two passes, an output head and labels with a masked prompt and
+    right padding (-100), as the causal-LM collator makes them."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(2 * batch, length, hidden, generator=g, requires_grad=True)
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, hidden, generator=g))
+    labels = torch.randint(0, vocab, (batch, length), generator=g)
+    labels[:, :2] = -100  # the prompt
+    labels[0, 5:] = -100  # padding of a shorter sequence
+    return h, head, labels
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_chunked_token_losses_equal_the_unchunked_formula(seed, chunk):
+    """Values and gradients (hidden states and head) equal the formula over the whole logits."""
+    from reference import reference_token_losses
+
+    from rose_ds import token_losses
+
+    h, head, labels = _token_case(seed)
+    batch = labels.shape[0]
+    got = token_losses(h, head, labels, chunk_tokens=chunk)
+    grads = torch.autograd.grad(got.task + 3 * got.robust, (h, head.weight))
+    z = head(h)
+    task, rob = reference_token_losses(z[:batch], z[batch:], labels)
+    expected = torch.autograd.grad(task + 3 * rob, (h, head.weight))
+    assert got.tokens == int((labels[:, 1:] != -100).sum())
+    assert torch.allclose(got.task, task, rtol=1e-5) and torch.allclose(got.robust, rob, rtol=1e-5)
+    for a, b in zip(grads, expected, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    one = token_losses(h[:batch], head, labels, two_passes=False, chunk_tokens=chunk)
+    plain = F.cross_entropy(z[:batch, :-1].reshape(-1, z.shape[-1]), labels[:, 1:].reshape(-1))
+    assert one.robust is None and torch.allclose(one.task, plain, rtol=1e-5)
+
+
+def test_token_losses_of_identical_passes_and_of_no_supervised_token():
+    from rose_ds import token_losses
+
+    h, head, labels = _token_case(5)
+    batch = labels.shape[0]
+    same = torch.cat([h[:batch], h[:batch]]).detach()
+    assert token_losses(same, head, labels).robust.item() == 0.0
+    none = torch.full_like(labels, -100)
+    empty = token_losses(h, head, none)
+    assert empty.tokens == 0 and empty.task.item() == 0.0 and empty.task.requires_grad
+    with pytest.raises(ValueError, match="do not hold 2 pass"):
+        token_losses(h[:batch], head, labels)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_causal_lm_losses_of_real_decoders_equal_the_formula_without_whole_logits(family):
+    """Two dropout passes of a tiny Llama, Qwen2 or GPT-2: the losses equal the formula over the whole
+    logits of the same stacked forward, and the output head never sees more than a chunk of tokens."""
+    from models import tiny_decoder
+    from reference import reference_token_losses
+
+    from rose_ds import causal_lm_losses
+
+    model = tiny_decoder(family)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(2, 50, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda _m, a, _o: seen.append(a[0].shape[0]))
+    torch.manual_seed(1)
+    got = causal_lm_losses(model, {"input_ids": ids, "attention_mask": mask}, labels, chunk_tokens=4)
+    hook.remove()
+    torch.manual_seed(1)
+    z = model(input_ids=torch.cat([ids, ids]), attention_mask=torch.cat([mask, mask]), use_cache=False).logits
+    task, rob = reference_token_losses(z[:3], z[3:], labels)
+    assert max(seen) <= 4 and sum(seen) == 2 * got.tokens
+    assert torch.allclose(got.task, task, rtol=1e-5) and torch.allclose(got.robust, rob, rtol=1e-4)
+    assert got.robust.item() > 0  # dropout made the passes differ
+    assert isinstance(model.get_output_embeddings(), torch.nn.Linear)  # the head is back
