@@ -51,8 +51,11 @@ def robust_loss(z1: Tensor, z2: Tensor) -> Tensor:
 def symmetric_kl_sum(za: Tensor, zb: Tensor) -> Tensor:
     """``KL(Pb || Pa) + KL(Pa || Pb)`` of two logit tensors' class distributions, summed over the batch
     (in float32). ROSE's robust loss, R-Drop's and R3F's terms are multiples of it."""
-    la = F.log_softmax(za.float(), dim=-1)
-    lb = F.log_softmax(zb.float(), dim=-1)
+    return _symmetric_kl_of_log_probs(F.log_softmax(za.float(), dim=-1), F.log_softmax(zb.float(), dim=-1))
+
+
+def _symmetric_kl_of_log_probs(la: Tensor, lb: Tensor) -> Tensor:
+    """``KL(Pb || Pa) + KL(Pa || Pb)`` summed over the rows, from the two log-probability tensors."""
     # kl_div(input=log P_a, target=log P_b, log_target) = sum P_b (log P_b - log P_a) = KL(P_b || P_a)
     return F.kl_div(la, lb, reduction="sum", log_target=True) + F.kl_div(lb, la, reduction="sum", log_target=True)
 
@@ -172,14 +175,15 @@ def token_losses(
         raise ValueError(f"token_losses: chunk_tokens must be >= 1, got {chunk_tokens}")
     where, targets = supervised_positions(labels)
     n = int(where.numel())
-    flat = hidden[:, :-1].reshape(passes, batch * (length - 1), hidden.shape[-1])
     if n == 0:  # zero, but through the graph: the backward still reaches every parameter
         zero = hidden.sum() * 0.0
         return TokenLosses(zero, zero if two_passes else None, 0)
+    # a view, indexed per chunk: gathering the supervised rows at once would copy the hidden states
+    passes_view = hidden.unflatten(0, (passes, batch))
     ce_sum = kl_sum = None
     for start in range(0, n, chunk_tokens):
         idx = where[start : start + chunk_tokens]
-        h = flat[:, idx]
+        h = passes_view[:, idx // (length - 1), idx % (length - 1)]
         y = targets[start : start + chunk_tokens]
         ce, kl = checkpoint(_chunk_losses, h, y, head, two_passes, use_reentrant=False)
         ce_sum = ce if ce_sum is None else ce_sum + ce
@@ -235,16 +239,13 @@ def _hidden_states_out(model: Any) -> Iterator[torch.nn.Module]:
         model.set_output_embeddings(head)
 
 
-def _chunk_losses(h: Tensor, y: Tensor, head: Callable[[Tensor], Tensor], two_passes: bool) -> tuple[Tensor, Tensor]:
+def _chunk_losses(
+    h: Tensor, y: Tensor, head: Callable[[Tensor], Tensor], two_passes: bool
+) -> tuple[Tensor, Tensor | None]:
     """Summed cross-entropy over the passes, and the summed symmetric KL, of one chunk of tokens."""
     logp = [F.log_softmax(head(h[p]).float(), dim=-1) for p in range(h.shape[0])]
     ce = sum(F.nll_loss(lp, y, reduction="sum") for lp in logp)
-    if not two_passes:
-        return ce, ce.new_zeros(())
-    kl = F.kl_div(logp[0], logp[1], reduction="sum", log_target=True) + F.kl_div(
-        logp[1], logp[0], reduction="sum", log_target=True
-    )
-    return ce, kl
+    return ce, _symmetric_kl_of_log_probs(*logp) if two_passes else None
 
 
 __all__ = [

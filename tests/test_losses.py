@@ -114,7 +114,8 @@ def test_token_losses_of_identical_passes_and_of_no_supervised_token():
     h, head, labels = _token_case(5)
     batch = labels.shape[0]
     same = torch.cat([h[:batch], h[:batch]]).detach()
-    assert token_losses(same, head, labels).robust.item() == 0.0
+    # zero up to the head's rounding: BLAS may round the second pass's rows (another alignment) apart
+    assert abs(token_losses(same, head, labels).robust.item()) < 1e-9
     none = torch.full_like(labels, -100)
     empty = token_losses(h, head, none)
     assert empty.tokens == 0 and empty.task.item() == 0.0 and empty.task.requires_grad
