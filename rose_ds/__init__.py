@@ -1,6 +1,7 @@
 """rose_ds: ROSE (robust selective fine-tuning) as an AdamW that runs on DeepSpeed ZeRO shards."""
 
 from rose_ds.config import RoseConfig, RoseConfigError
+from rose_ds.dropout import IdenticalPassesError, check_passes_differ, set_dropout
 from rose_ds.losses import (
     RoseLosses,
     TokenLosses,
@@ -39,6 +40,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "IdenticalPassesError",
     "NoEligibleTensorError",
     "RoseAdamW",
     "RoseConfig",
@@ -46,9 +48,11 @@ __all__ = [
     "RoseLosses",
     "TokenLosses",
     "causal_lm_losses",
+    "check_passes_differ",
     "masked_adamw_",
     "robust_loss",
     "rose_losses",
+    "set_dropout",
     "task_loss",
     "token_losses",
     *_ZERO_API,

@@ -33,6 +33,7 @@ from transformers import Trainer, TrainerCallback
 from rose_ds import methods as rose_methods
 from rose_ds import zero
 from rose_ds.config import RoseConfig
+from rose_ds.dropout import check_passes_differ
 from rose_ds.losses import task_loss
 from rose_ds.methods import MethodConfig
 from rose_ds.optim import RoseAdamW
@@ -81,6 +82,7 @@ class RoseTrainer(Trainer):
         self.method = method if method is not None else MethodConfig()
         self._loss_fn = rose_methods.loss_fn(self.method)
         self._fisher_pending = self.method.fixed_mask
+        self._passes_checked = False  # robust micro-batches are checked until two passes are seen to differ
         self.mask_history: list[list[float]] = []
         optimizers = kwargs.get("optimizers") or (None, None)
         if optimizers[0] is not None:
@@ -159,7 +161,8 @@ class RoseTrainer(Trainer):
         else:
             with self.compute_loss_context_manager():
                 losses = self._loss_fn(model, inputs, labels, two_passes=two_passes)
-            if losses.robust is not None:
+            if losses.robust is not None and needs_robust_gradient(self.rose):
+                self._passes_checked = self._passes_checked or check_passes_differ(losses, model)
                 self.rose_optimizer.capture_robust_grads(losses.robust)  # sums over the micro-batches
             self.accelerator.backward(losses.task / accumulation)  # the Trainer leaves accelerate's at 1
         return losses.task.detach() / accumulation

@@ -37,6 +37,7 @@ from deepspeed.accelerator import get_accelerator
 from torch import Tensor, nn
 
 from rose_ds.config import RoseConfig
+from rose_ds.dropout import check_passes_differ
 from rose_ds.losses import RoseLosses, rose_losses, task_loss
 from rose_ds.methods import MethodConfig
 from rose_ds.optim import RobustCapture, RoseAdamW, Segments, Shard, index_sum_of_squares
@@ -229,6 +230,7 @@ def backward(
     if losses.robust is None or not binding.wants_robust():
         task_backward(losses.task)
         return losses
+    binding.passes_checked = binding.passes_checked or check_passes_differ(losses, engine.module)
     if binding.stage != 3:
         binding.robust_backward(losses.robust)
         task_backward(losses.task)
@@ -362,6 +364,8 @@ class ZeroBinding:
             )
         self.engine = engine
         self.opt = opt
+        # whether this process has seen two passes differ (rose_ds.dropout.check_passes_differ)
+        self.passes_checked = False
         self.zo = engine.optimizer
         self.stage = engine.zero_optimization_stage()
         self.loss_scaled = bool(engine.fp16_enabled())

@@ -80,3 +80,40 @@ def tiny_decoder(family: str, dropout: float = 0.1, seed: int = 0, vocab: int = 
         model = tf.GPT2LMHeadModel(cfg)
     model.train()
     return model
+
+
+# A ChatML-like template for the tiny causal LMs' tokenizer (the embedded MiniLM's WordPiece
+# tokenizer, which ships without one): each turn is "<role> content [SEP]".
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<' + m['role'] + '> ' + m['content'] + ' [SEP] ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<assistant> ' }}{% endif %}"
+)
+
+
+def save_tiny_causal_lm(path, family: str = "llama", chat_template: bool = True, seed: int = 0):
+    """Saves a 2-layer causal LM from config ('llama', 'qwen2', 'gpt2') with the embedded MiniLM's real
+    tokenizer ([SEP] as end token, CHAT_TEMPLATE unless ``chat_template`` is False) to ``path``."""
+    import transformers as tf
+
+    from rose_ds.training.data import embedded_model_path
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(embedded_model_path())
+    tokenizer.eos_token = "[SEP]"
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    ids = dict(bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+               pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=256, **ids)
+        model = tf.GPT2LMHeadModel(cfg)
+    else:
+        config_class, model_class = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+                                     "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[family]  # fmt: skip
+        cfg = config_class(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                           **ids)  # fmt: skip
+        model = model_class(cfg)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

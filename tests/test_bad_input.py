@@ -62,6 +62,13 @@ def _cases(f: dict[str, str], other_checkpoint: str) -> dict[str, tuple[list[str
         "rose-value": (["--rose_upper", "150"], "--rose_upper=150.0 is invalid", {}, "absent"),
         "rose-band": (["--rose_lower", "60", "--rose_upper", "40"], "--rose_lower=60.0 is invalid", {}, "absent"),
         "rose-mode": (["--rose_mode", "third"], "--rose_mode='third' is invalid", {}, "absent"),
+        "rose-dropout": (["--rose_dropout", "1.5"], "--rose_dropout 1.5: must be in [0, 1)", {}, "absent"),
+        "rose-first-without-dropout": (
+            ["--rose_mode", "first", "--rose_dropout", "0"],
+            "--rose_dropout 0 with --rose_mode first",
+            {},
+            "absent",
+        ),
         "method-name": (["--method", "fgsm"], "--method='fgsm' is invalid", {}, "absent"),
         "method-value": (
             ["--method", "childtuning-f", "--childtuning_p", "0"],

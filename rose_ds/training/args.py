@@ -34,15 +34,29 @@ class TrainArgs:
     local_rank: int = field(
         default=-1, metadata={"help": "set by the deepspeed launcher; torchrun/srun use the environment"}
     )
+    objective: str = field(
+        default="classification",
+        metadata={"help": "classification (a sequence-classification head) or causal_lm (instruction/chat SFT)"},
+    )
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "any AutoModelForSequenceClassification path or hub name; default: the embedded MiniLM-L6"},
+        metadata={
+            "help": "a path or hub name of an AutoModelForSequenceClassification (classification) or "
+            "AutoModelForCausalLM (causal_lm); default: the embedded MiniLM-L6 (classification)"
+        },
     )
     task_name: str = field(
         default="rotten_tomatoes",
         metadata={
-            "help": "rotten_tomatoes (embedded, offline); sst2, qnli, qqp, rte, mnli (GLUE, hub); not with --train_file"
+            "help": "rotten_tomatoes (embedded, offline); sst2, qnli, qqp, rte, mnli (GLUE, hub); not with "
+            "--train_file. causal_lm: the AdvGLUE task of the label-word evaluation (rotten_tomatoes: sst2)"
         },
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "causal_lm: a hub dataset with train and validation (or test) splits"}
+    )
+    train_on_prompt: bool = field(
+        default=False, metadata={"help": "causal_lm: supervise the prompt / user tokens too (default: responses only)"}
     )
     train_file: str | None = field(
         default=None, metadata={"help": "local csv/json/jsonl/parquet training file (with --validation_file)"}
@@ -147,6 +161,13 @@ class RoseArgs:
     rose_gamma: float = field(default=0.5, metadata={"help": "weight of the first-order mask in the ensemble"})
     rose_second_order_coef: float = field(default=0.1, metadata={"help": "constant k in |k ||g|| / ||m|| - 1|"})
     rose_warmup_steps: int = field(default=0, metadata={"help": "first optimizer steps without masking"})
+    rose_dropout: float = field(
+        default=0.1,
+        metadata={
+            "help": "dropout probability of ROSE's two passes, set on every dropout site of the model "
+            "(the authors' 0.1; Llama-style configs ship 0, which would make the passes identical)"
+        },
+    )
     rose_eligibility: str = field(
         default="original", metadata={"help": "preset: original, bert, gpt2, llama (and aliases)"}
     )
@@ -176,6 +197,13 @@ class RoseArgs:
     )
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.rose_dropout < 1.0:
+            raise ArgumentError(f"--rose_dropout {self.rose_dropout}: must be in [0, 1) (0.1 is the authors' value)")
+        if self.rose_dropout == 0 and self.rose_mode in ("first", "ensemble"):
+            raise ArgumentError(
+                f"--rose_dropout 0 with --rose_mode {self.rose_mode}: ROSE-First scores the KL between two dropout "
+                "passes, identical without dropout; pass --rose_dropout 0.1, or --rose_mode second or none"
+            )
         self.rose_config()
         self.method_config(seed=0)  # the seed only seeds ChildTuning-F's masks: any value validates
 
@@ -186,8 +214,9 @@ class RoseArgs:
             ArgumentError: a value RoseConfig refuses, named by its flag.
         """
         try:
+            # --rose_dropout acts on the model, not on the optimizer's selection
             return RoseConfig(**{f.name[len("rose_"):]: getattr(self, f.name) for f in fields(RoseArgs)
-                                 if f.name.startswith("rose_")})  # fmt: skip
+                                 if f.name.startswith("rose_") and f.name != "rose_dropout"})  # fmt: skip
         except RoseConfigError as err:
             raise ArgumentError(str(err).replace("RoseConfig.", "--rose_")) from None
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import datasets
 import torch
-from transformers import DataCollatorWithPadding
 
 from rose_ds.training import RecipeError
 
@@ -125,8 +124,12 @@ def load_advglue(task: str, advglue_file: str | None):
         ) from None
 
 
-def load_local(train_file: str, validation_file: str, text_columns: tuple[str, ...], label_column: str):
-    """csv / json / jsonl / parquet files (by extension) with the given text and label columns."""
+def read_local(train_file: str, validation_file: str) -> datasets.DatasetDict:
+    """csv / json / jsonl / parquet files (by extension) as ``train`` and ``validation`` splits.
+
+    Raises:
+        ValueError: an unknown extension or a file without rows.
+    """
     ext = Path(train_file).suffix.lstrip(".")
     builder = {"csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}.get(ext)
     if builder is None:
@@ -134,7 +137,12 @@ def load_local(train_file: str, validation_file: str, text_columns: tuple[str, .
     for split, path in (("train", train_file), ("validation", validation_file)):
         if not _has_rows(path, builder):
             raise ValueError(f"--{split}_file has no rows; pass a file with examples")
-    data = datasets.load_dataset(builder, data_files={"train": train_file, "validation": validation_file})
+    return datasets.load_dataset(builder, data_files={"train": train_file, "validation": validation_file})
+
+
+def load_local(train_file: str, validation_file: str, text_columns: tuple[str, ...], label_column: str):
+    """csv / json / jsonl / parquet files (by extension) with the given text and label columns."""
+    data = read_local(train_file, validation_file)
     for column in (*text_columns, label_column):
         if column not in data["train"].column_names:
             raise ValueError(
@@ -207,14 +215,14 @@ class TaskData:
         train: Tokenized training split (in the order of ``--seed``, cut to ``--max_train_samples``).
         validation: Tokenized validation split.
         adv: Tokenized AdvGLUE items of the task, or None (no counterpart, or ``--adv_file none``).
-        num_labels: Classes of the classification head.
+        num_labels: Classes of the classification head (None for a causal LM).
         task: The task name whose AdvGLUE counterpart ``adv`` holds; None for local files.
     """
 
     train: Any
     validation: Any
     adv: Any
-    num_labels: int
+    num_labels: int | None
     task: str | None
 
 
@@ -281,9 +289,9 @@ def load_task(args, tokenizer) -> TaskData:
     return TaskData(prepare(train), prepare(validation), None if adv is None else prepare(adv), num_labels, task)
 
 
-def train_loader(dataset, tokenizer, batch_size: int, rank: int, world_size: int, seed: int):
+def train_loader(dataset, collate, batch_size: int, rank: int, world_size: int, seed: int):
     """The training loader of every recipe here: a seeded ``DistributedSampler`` (call its
-    ``set_epoch``), padded batches, the last partial batch dropped.
+    ``set_epoch``), batches padded by ``collate``, the last partial batch dropped.
 
     Returns:
         ``(loader, sampler)``.
@@ -292,6 +300,6 @@ def train_loader(dataset, tokenizer, batch_size: int, rank: int, world_size: int
     # its own generator: a new epoch's iterator must not draw from the global RNG that dropout uses,
     # or a resumed run would see other dropout masks than an uninterrupted one
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                         collate_fn=DataCollatorWithPadding(tokenizer), drop_last=True,
+                                         collate_fn=collate, drop_last=True,
                                          generator=torch.Generator().manual_seed(seed))  # fmt: skip
     return loader, sampler

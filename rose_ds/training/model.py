@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from rose_ds import methods, selection
 from rose_ds.config import RoseConfig
@@ -46,20 +46,27 @@ def load_tokenizer(args):
     return model_path, model_config, tokenizer
 
 
-def check_model(model_config, rose: RoseConfig, method: methods.MethodConfig, model_path: str) -> None:
+def check_model(model_config, rose: RoseConfig, method: methods.MethodConfig, model_path: str, auto_class) -> None:
     """The eligibility rule and the method judged on the parameter names of a weightless skeleton.
 
+    Args:
+        model_config: The model's config.
+        rose: The ROSE configuration (its eligibility rule).
+        method: The composed method.
+        model_path: The model's path or name (for the messages).
+        auto_class: The objective's ``transformers`` Auto class.
+
     Raises:
-        ModelError: no eligible tensor, a method the architecture cannot run, or no
-            sequence-classification class for the architecture.
+        ModelError: no eligible tensor, a method the architecture cannot run, or no class of
+            ``auto_class`` for the architecture.
     """
     try:
         with torch.device("meta"):
-            skeleton = AutoModelForSequenceClassification.from_config(model_config)
+            skeleton = auto_class.from_config(model_config)
         selection.eligible_names([n for n, _ in skeleton.named_parameters()], rose)
     except selection.NoEligibleTensorError as err:
         raise ModelError(str(err)) from None
-    except (ValueError, KeyError) as err:  # no sequence-classification class for this architecture
+    except (ValueError, KeyError) as err:  # no class of auto_class for this architecture
         raise ModelError(f"--model_name_or_path {model_path!r}: {str(err).splitlines()[0][:200]}") from None
     if why := methods.unsupported(method, skeleton):
         raise ModelError(why)

@@ -217,6 +217,7 @@ def main():
             (out / f"error{dist.get_rank()}.txt").write_text(f"{type(err).__name__}: {err}")
             raise
         dist.barrier()
+    dist.destroy_process_group()  # exiting with gloo's threads up can abort a rank
 
 
 if __name__ == "__main__":
