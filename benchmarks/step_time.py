@@ -251,8 +251,13 @@ def main() -> None:
     parser.add_argument("what", choices=["time", "memory", "traffic"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 2, 3])
-    parser.add_argument("--method_stages", type=int, nargs="*", default=[2],
-                        help="stages whose time run also steps R-Drop, R3F, ChildTuning-F, alone and with ROSE")
+    parser.add_argument(
+        "--method_stages",
+        type=int,
+        nargs="*",
+        default=[2],
+        help="stages whose time run also steps R-Drop, R3F, ChildTuning-F, alone and with ROSE",
+    )
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--variant", choices=VARIANTS, default="first")
     parser.add_argument("--hidden", type=int, default=256)

@@ -206,7 +206,7 @@ def label_word_accuracy(model, items: datasets.Dataset, task: str, tokenizer, ba
         picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         scores += (picked * (target != IGNORE_INDEX)).sum(-1).tolist()
     preds = torch.tensor(scores).view(len(items), len(words)).argmax(-1)
-    return float((preds == torch.tensor(items["label"])).float().mean()) if len(items) else 0.0
+    return int((preds == torch.tensor(items["label"])).sum()) / max(1, len(items))
 
 
 def load_raw(args) -> datasets.DatasetDict:

@@ -113,20 +113,25 @@ def plot_run(history: list[dict], mask_history: list[list[float]], eligible: lis
     import torch
 
     train = [r for r in history if "loss" in r]
-    evals = [r for r in history if "eval_accuracy" in r]
+    evals = [r for r in history if any(k.startswith("eval_") for k in r)]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 1.4]})
     ax = axes[0]
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    points = [(r["step"], r["eval_loss"]) for r in evals if "eval_loss" in r]  # a causal LM's
+    if points:
+        ax.plot(*zip(*points), "o-", label="validation loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
+    ax.legend(loc="upper left")
     ax2 = ax.twinx()
     for key, style in (("eval_accuracy", "o-"), ("eval_adv_accuracy", "s--")):
         points = [(r["step"], r[key]) for r in evals if key in r]
         if points:
-            ax2.plot(*zip(*points), style, label=key.replace("eval_", ""))
+            ax2.plot(*zip(*points), style, color="tab:green" if key == "eval_accuracy" else "tab:red",
+                     label=key.replace("eval_", ""))  # fmt: skip
     ax2.set_ylabel("accuracy")
-    ax.legend(loc="upper left")
-    ax2.legend(loc="upper right")
+    if ax2.lines:
+        ax2.legend(loc="upper right")
     ax.set_title("training")
     masks = torch.tensor(mask_history or [[1.0] * len(eligible)]).T
     im = axes[1].imshow(masks, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
