@@ -117,3 +117,40 @@ def save_tiny_causal_lm(path, family: str = "llama", chat_template: bool = True,
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+DECODERS = ("llama", "qwen2", "gpt2")
+
+
+def case_model(case: dict):
+    """The model of a tests/test_zero.py case: ``case["model"]`` a decoder family, else (tiny/frozen) BERT."""
+    family = case.get("model", "bert")
+    if family in DECODERS:
+        return tiny_decoder(family, dropout=case.get("dropout", 0.0), seed=case.get("seed", 0))
+    build = frozen_bert if case.get("frozen") else tiny_bert
+    return build(dropout=case.get("dropout", 0.0), seed=case.get("seed", 0), hidden=case.get("hidden", 32))
+
+
+def random_lm_batch(step: int, batch_size: int = 8, seq_len: int = 12, vocab: int = 50):
+    """Causal-LM inputs and labels: each row a masked prompt (label -100) of 1-5 tokens, then a response,
+    then 0-3 padding tokens (attention 0, label -100): rows and ranks supervise different token counts."""
+    g = torch.Generator().manual_seed(2000 + step)
+    ids = torch.randint(2, vocab, (batch_size, seq_len), generator=g)
+    labels = ids.clone()
+    mask = torch.ones_like(ids)
+    prompt = torch.randint(1, 6, (batch_size,), generator=g)
+    pad = torch.randint(0, 4, (batch_size,), generator=g)
+    for i in range(batch_size):
+        labels[i, : prompt[i]] = -100
+        if pad[i]:
+            ids[i, -pad[i] :] = 1  # the end token as padding, as decoders without a pad token do
+            labels[i, -pad[i] :] = -100
+            mask[i, -pad[i] :] = 0
+    return {"input_ids": ids, "attention_mask": mask}, labels
+
+
+def case_batch(case: dict, step: int, batch_size: int):
+    """The global batch of a case's step: random_lm_batch for decoders, random_batch for BERT."""
+    if case.get("model", "bert") in DECODERS:
+        return random_lm_batch(step, batch_size)
+    return random_batch(step, batch_size=batch_size)

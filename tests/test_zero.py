@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import FROZEN, frozen_bert, random_batch, tiny_bert
+from models import DECODERS, FROZEN, case_batch, case_model, frozen_bert, random_batch, tiny_bert
 
-from rose_ds import RoseAdamW, RoseConfig, methods, radix
+from rose_ds import RoseAdamW, RoseConfig, causal_lm_losses, methods, radix
 from rose_ds.methods import MethodConfig
 from rose_ds.selection import needs_robust_gradient
 from rose_ds.zero import decay_param_groups
@@ -118,6 +118,18 @@ TRAFFIC += [(w, s, "element", h) for w in (2, 3) for s in (2, 3) for h in (32, 6
 ROSE["element"] = {"mode": "ensemble", "upper": 70, "granularity": "element"}
 for w, s, m, h in TRAFFIC:
     EXTRA_CASES.setdefault(w, []).append(_case(f"traffic-w{w}-s{s}-{m}-h{h}", stage=s, rose=ROSE[m], hidden=h, steps=3))
+
+
+# Decoders (tiny Llama, Qwen2, GPT-2 from config) with token-level ROSE (rose_ds.causal_lm_losses) and real
+# dropout, every mode at ZeRO 0-3: masked prompts and padding make the ranks' micro-batches supervise
+# different token counts; the dense run replays each rank's rows with its random stream.
+DECODER_CASES = [(f, s, m, 1) for f in DECODERS for s in range(4) for m in ("first", "second", "ensemble")]
+DECODER_CASES += [("llama", s, "none", 1) for s in (0, 3)] + [("llama", s, "ensemble", 2) for s in (1, 2, 3)]
+DECODER_CASES += [("gpt2", 3, "first", 2), ("qwen2", 2, "second", 2)]
+for _f, _s, _mode, _g in DECODER_CASES:
+    _rose = {"mode": _mode, "upper": 70, **({"eligibility": "gpt2"} if _f == "gpt2" else {})}
+    EXTRA_CASES[2].append(_case(f"decoder-{_f}-s{_s}-{_mode}-gas{_g}", stage=_s, gas=_g, model=_f, loss="causal",
+                                dropout=0.1, rose=_rose, seed=5))  # fmt: skip
 
 
 # Methods composed with ROSE (R-Drop, R3F, ChildTuning-F) with real dropout and noise: the dense run
@@ -293,12 +305,12 @@ def dense_run(case, world, statistics=None):
 def dense_run_per_rank(case, world):
     """The single-process run of a data-parallel step with real randomness: each rank's rows run with that
     rank's random stream (dropout, R3F's noise), and the losses are averaged as the ranks' gradients are."""
-    model = tiny_bert(dropout=case.get("dropout", 0.0), seed=case.get("seed", 0), hidden=case.get("hidden", 32))
+    model = case_model(case)
     rose, method = RoseConfig(**case["rose"]), MethodConfig(**case.get("method", {}))
     opt = RoseAdamW(decay_param_groups(model, WD), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, rose=rose,
                     method=method)  # fmt: skip
     two = needs_robust_gradient(rose)
-    loss_fn = methods.loss_fn(method)
+    loss_fn = causal_lm_losses if case.get("model") in DECODERS else methods.loss_fn(method)
     if method.fixed_mask:  # ChildTuning-D: the Fisher pass, each global batch's gradient averaged over ranks
         model.eval()
         params = [dict(model.named_parameters())[n] for n in opt.eligible_names]
@@ -316,7 +328,7 @@ def dense_run_per_rank(case, world):
         streams.append(torch.get_rng_state())
     masks, mb, gas = [], case["micro_bs"], case["gas"]
     for step in range(case["steps"]):
-        inputs, labels = random_batch(step, batch_size=world * gas * mb)
+        inputs, labels = case_batch(case, step, world * gas * mb)
         for k in range(gas):
             for r in range(world):
                 rows = slice((k * world + r) * mb, (k * world + r + 1) * mb)
@@ -337,7 +349,8 @@ def assert_matches_dense(case, world, results, weight_rtol=1e-5):
     ranks, weights = results(world, case["name"])
     for r, record in enumerate(ranks):
         assert record["masks"] == ranks[0]["masks"], f"rank {r} selected differently from rank 0"
-    masks, dense = (dense_run_per_rank if "method" in case else dense_run)(case, world)
+    per_rank = "method" in case or case.get("model") in DECODERS
+    masks, dense = (dense_run_per_rank if per_rank else dense_run)(case, world)
     for step, (got, want) in enumerate(zip(ranks[0]["masks"], masks, strict=True)):
         assert got == want, f"step {step + 1}: mask differs from the dense run"
     a = torch.cat([weights[n].reshape(-1) for n in dense])
@@ -377,6 +390,16 @@ def test_element_granularity_matches_dense(results, name):
 def test_methods_composed_with_rose_match_dense(results, name):
     """R-Drop, R3F and ChildTuning-F with every ROSE mode, ZeRO 0-3, accumulation: same masks as the dense
     run at every step, on every rank, and the same weights."""
+    case = next(c for c in EXTRA_CASES[2] if c["name"] == name)
+    masks = assert_matches_dense(case, 2, results)
+    if case["rose"]["mode"] != "none":
+        assert any(v < 1 for m in masks for v in m.values())
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in EXTRA_CASES[2] if c["name"].startswith("decoder")])
+def test_decoders_with_token_level_rose_match_dense(results, name):
+    """Tiny Llama, Qwen2 and GPT-2 causal LMs, token-level ROSE with real dropout, every mode at ZeRO 0-3
+    on 2 ranks: the same masks as the dense run at every step, on every rank, and the same weights."""
     case = next(c for c in EXTRA_CASES[2] if c["name"] == name)
     masks = assert_matches_dense(case, 2, results)
     if case["rose"]["mode"] != "none":

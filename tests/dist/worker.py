@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepspeed  # noqa: E402
 import deepspeed.comm as dist  # noqa: E402
 import torch  # noqa: E402
-from models import frozen_bert, random_batch, tiny_bert  # noqa: E402
+from models import case_batch, case_model, random_batch  # noqa: E402
 
 import rose_ds  # noqa: E402
 import rose_ds.zero  # noqa: E402
@@ -95,7 +95,8 @@ def small_stand_in_losses(model, inputs, labels, two_passes=True):
     return losses if losses.robust is None else losses._replace(robust=losses.robust * 1e-4)
 
 
-LOSSES = {"stand_in": stand_in_losses, "small_stand_in": small_stand_in_losses, "rose": rose_ds.rose_losses}
+LOSSES = {"stand_in": stand_in_losses, "small_stand_in": small_stand_in_losses, "rose": rose_ds.rose_losses,
+          "causal": rose_ds.causal_lm_losses}  # fmt: skip
 
 
 def ds_config(case, world):
@@ -122,8 +123,7 @@ def ds_config(case, world):
 
 def run_case(case, out, counter):
     rank, world = dist.get_rank(), dist.get_world_size()
-    build = frozen_bert if case.get("frozen") else tiny_bert
-    model = build(dropout=case.get("dropout", 0.0), seed=case.get("seed", 0), hidden=case.get("hidden", 32))
+    model = case_model(case)
     rose = RoseConfig(**case["rose"])
     config = ds_config(case, world)
     config.update(case.get("ds_extra", {}))
@@ -163,7 +163,7 @@ def run_case(case, out, counter):
               "resumed_optimizer_steps": sorted({int(s["step"]) for s in opt.state.values() if "step" in s})}  # fmt: skip
     torch.manual_seed(1234 + rank)  # dropout differs per rank, as in real data parallelism
     for step in range(first_step, first_step + case["steps"]):
-        inputs, labels = random_batch(step, batch_size=world * gas * mb)
+        inputs, labels = case_batch(case, step, world * gas * mb)
         counter.bytes = {}
         for k in range(gas):
             rows = slice((k * world + rank) * mb, (k * world + rank + 1) * mb)
