@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,10 @@ class RoseTrainer(Trainer):
         rose: The ROSE configuration; ``RoseConfig()`` when omitted.
         method: The composed method; ``MethodConfig()`` (none) when omitted. Its ``seed`` (ChildTuning-F's
             masks) is taken as given: pass the run's seed.
+        loss_fn: ``(model, inputs, labels, two_passes=...) -> losses``: ROSE's two losses. Default: the
+            classification losses with ``method``'s term (:func:`rose_ds.methods.loss_fn`); for a causal
+            LM :func:`rose_ds.causal_lm_losses` (the objective's ``loss_fn`` in ``rose_ds.training``),
+            with ``labels`` the input ids with -100 where the loss skips a token.
         **kwargs: ``Trainer`` keyword arguments. ``optimizers`` must not carry an optimizer.
 
     Raises:
@@ -76,11 +80,16 @@ class RoseTrainer(Trainer):
     """
 
     def __init__(
-        self, *args: Any, rose: RoseConfig | None = None, method: MethodConfig | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        rose: RoseConfig | None = None,
+        method: MethodConfig | None = None,
+        loss_fn: Callable[..., Any] | None = None,
+        **kwargs: Any,
     ) -> None:
         self.rose = rose if rose is not None else RoseConfig()
         self.method = method if method is not None else MethodConfig()
-        self._loss_fn = rose_methods.loss_fn(self.method)
+        self._loss_fn = loss_fn if loss_fn is not None else rose_methods.loss_fn(self.method)
         self._fisher_pending = self.method.fixed_mask
         self._passes_checked = False  # robust micro-batches are checked until two passes are seen to differ
         self.mask_history: list[list[float]] = []

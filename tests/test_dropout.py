@@ -110,3 +110,39 @@ def test_a_zero_robust_loss_from_a_model_with_active_dropout_is_saturation_not_i
     for model in (tiny_bert(dropout=0.0), tiny_bert(dropout=0.1).eval(), tiny_decoder("llama", dropout=0.0)):
         with pytest.raises(IdenticalPassesError):
             check_passes_differ(zero, model)
+
+
+def test_rose_trainer_fine_tunes_a_causal_lm_through_the_objective_seam(tmp_path):
+    """RoseTrainer with the causal-LM objective's losses and collator (rose_ds.training.causal_lm): a
+    tiny Llama with its dropout set trains, ROSE freezing tensors; left without dropout it stops."""
+    from datasets import Dataset
+    from models import random_lm_batch
+    from transformers import TrainingArguments
+
+    from rose_ds.hf import RoseTrainer
+    from rose_ds.training import objective
+
+    causal = objective.get("causal_lm")
+    inputs, labels = random_lm_batch(0, batch_size=16)
+    rows = [{"input_ids": [t for t, m in zip(ids, mask) if m], "labels": [y for y, m in zip(ys, mask) if m]}
+            for ids, mask, ys in zip(inputs["input_ids"].tolist(), inputs["attention_mask"].tolist(),
+                                     labels.tolist())]  # fmt: skip
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, use_cpu=True,
+                             save_strategy="no", report_to="none", disable_tqdm=True, learning_rate=1e-3,
+                             dataloader_pin_memory=False, remove_unused_columns=False)  # fmt: skip
+
+    class Pad:  # the objective's collator wants a tokenizer only for its pad id
+        pad_token_id, eos_token_id = 1, 1
+
+    def trainer(model):
+        return RoseTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                           data_collator=causal.collator(Pad()), rose=RoseConfig(mode="ensemble", upper=70),
+                           loss_fn=causal.loss_fn(None))  # fmt: skip
+
+    with pytest.raises(IdenticalPassesError):
+        trainer(tiny_decoder("llama", dropout=0.0)).train()
+    model = tiny_decoder("llama", dropout=0.0)
+    set_dropout(model, 0.1)
+    run = trainer(model)
+    assert run.train().global_step == 3
+    assert any(v < 1 for masks in run.mask_history for v in masks)

@@ -237,7 +237,21 @@ def load_raw(args) -> datasets.DatasetDict:
             raise CausalDataError(f"--dataset_name {args.dataset_name!r} has splits {', '.join(raw)}; it needs "
                                   "'train' and 'validation' (or 'test'); pass local files instead")  # fmt: skip
         return datasets.DatasetDict(train=raw["train"], validation=raw[held_out])
+    if args.task_name == "rotten_tomatoes":
+        return instruction_task(data.load_rotten_tomatoes(args.adv_file or _shared_advglue(), seed=args.seed), "sst2")
     raise CausalDataError("--objective causal_lm needs --train_file and --validation_file, or --dataset_name")
+
+
+def _shared_advglue() -> str | None:
+    return str(data.SHARED_ADVGLUE) if data.SHARED_ADVGLUE.is_file() else None
+
+
+def instruction_task(raw: datasets.DatasetDict, task: str) -> datasets.DatasetDict:
+    """A classification task as prompt/response pairs: the item in its :data:`LABEL_WORD_PROMPTS`
+    prompt, the label word as the response (the embedded offline causal-LM data: Rotten Tomatoes)."""
+    template, words = LABEL_WORD_PROMPTS[task]
+    return raw.map(lambda row: {"prompt": template.format(**row), "response": words[row["label"]]},
+                   remove_columns=raw["train"].column_names)  # fmt: skip
 
 
 class CausalLM:
@@ -255,21 +269,20 @@ class CausalLM:
         if args.model_name_or_path is None:
             raise CausalDataError("--objective causal_lm needs --model_name_or_path: a decoder (Llama, Qwen2, Mistral, "
                                   "GPT-2 and their kin) as a path or hub name")  # fmt: skip
-        if not (args.train_file or args.dataset_name):
+        if not (args.train_file or args.dataset_name or args.task_name == "rotten_tomatoes"):
             raise CausalDataError("--objective causal_lm needs --train_file and --validation_file, or --dataset_name")
 
     def load_data(self, args: Any, tokenizer: Any) -> data.TaskData:
         raw = load_raw(args)
         train, validation = data.training_splits(raw, args.seed, args.max_train_samples, args.max_eval_samples)
-        where = args.train_file or args.dataset_name
+        where = args.train_file or args.dataset_name or "the embedded Rotten Tomatoes"
         splits = []
         for split, dataset in (("training", train), ("validation", validation)):
             if len(dataset) == 0:
                 raise CausalDataError(f"the {split} split is empty; pass data with examples")
             splits.append(encode(dataset, tokenizer, args.max_seq_length, args.train_on_prompt, f"{where!r}"))
         task = "sst2" if args.task_name == "rotten_tomatoes" else args.task_name
-        adv_file = args.adv_file or (str(data.SHARED_ADVGLUE) if data.SHARED_ADVGLUE.is_file() else None)
-        adv = data.load_advglue(task, adv_file) if task in LABEL_WORD_PROMPTS else None
+        adv = data.load_advglue(task, args.adv_file or _shared_advglue()) if task in LABEL_WORD_PROMPTS else None
         return data.TaskData(*splits, adv, None, task)
 
     def model_kwargs(self, task: data.TaskData) -> dict[str, Any]:
