@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         zero.check_config(raw_ds_config)
     except (RecipeError, rose_ds.UnsupportedConfigError) as err:
         fail(f"--deepspeed {err}" if isinstance(err, RecipeError) else f"--deepspeed {args.deepspeed}: {err}")
-    embedded = (args.objective == "classification" and args.model_name_or_path is None and args.train_file is None
-                and args.task_name == "rotten_tomatoes")  # fmt: skip
+    embedded = args.model_name_or_path is None and args.train_file is None and args.task_name == "rotten_tomatoes"
     if embedded and args.max_steps <= 0:
         args.max_steps = 200  # keeps the offline default under 10 minutes on 2 CPU cores
     out = Path(args.output_dir)

@@ -177,7 +177,7 @@ def test_the_recipe_fine_tunes_a_chat_model_with_token_level_rose_on_two_process
     [
         ("columns", "needs a 'messages' column"),
         ("no-template", "no chat template"),
-        ("method", "--method rdrop is not available with --objective causal_lm"),
+        ("method", "--method r3f is not available with --objective causal_lm"),
         ("no-model", "--objective causal_lm needs --model_name_or_path"),
         ("too-long", "--max_seq_length 100000 is above the model's limit"),
     ],
@@ -193,7 +193,7 @@ def test_bad_causal_input_is_one_line_and_writes_nothing(model_dir, tmp_path, ca
         plain = save_tiny_causal_lm(tmp_path / "plain", chat_template=False)
         args[1] = str(plain)
     elif case == "method":
-        args += ["--method", "rdrop"]
+        args += ["--method", "r3f"]
     elif case == "no-model":
         args = args[2:]
     else:
@@ -235,3 +235,29 @@ def test_the_readme_offline_example_fine_tunes_the_packaged_smollm2(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
+
+
+def test_rdrop_on_a_causal_lm_adds_the_per_token_mean_of_the_half_symmetric_kl():
+    """--method rdrop with --objective causal_lm: task = the two passes' mean token CE + alpha * mean over
+    the supervised tokens of (KL(P1||P2) + KL(P2||P1)) / 2, from whole logits (tests/reference.py)."""
+    from models import random_lm_batch, tiny_decoder
+    from reference import reference_token_losses
+
+    from rose_ds.losses import stack_batch
+    from rose_ds.methods import MethodConfig
+
+    model = tiny_decoder("llama", dropout=0.1, seed=3)
+    inputs, labels = random_lm_batch(4, batch_size=5)
+    loss_fn = causal_lm.OBJECTIVE.loss_fn(MethodConfig(name="rdrop", rdrop_alpha=0.7))
+    for two_passes in (True, False):
+        torch.manual_seed(11)
+        got = loss_fn(model, inputs, labels, two_passes=two_passes)
+        torch.manual_seed(11)  # the same dropout masks: one forward over the batch stacked twice
+        z = model(**{k: stack_batch(v, 5, 2) for k, v in inputs.items()}, use_cache=False).logits
+        task, robust = reference_token_losses(z[:5], z[5:], labels)
+        tokens = int((labels[:, 1:] != -100).sum())
+        assert got.tokens == tokens
+        assert torch.allclose(got.task, task + 0.7 * (4 * robust / 2) / tokens, rtol=1e-5)
+        assert (got.robust is None) == (not two_passes)
+        if two_passes:
+            assert torch.allclose(got.robust, robust, rtol=1e-5)

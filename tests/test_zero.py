@@ -18,9 +18,10 @@ import pytest
 import torch
 from models import DECODERS, FROZEN, case_batch, case_model, frozen_bert, random_batch, tiny_bert
 
-from rose_ds import RoseAdamW, RoseConfig, causal_lm_losses, methods, radix
+from rose_ds import RoseAdamW, RoseConfig, methods, radix
 from rose_ds.methods import MethodConfig
 from rose_ds.selection import needs_robust_gradient
+from rose_ds.training import causal_lm
 from rose_ds.zero import decay_param_groups
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
@@ -130,6 +131,14 @@ for _f, _s, _mode, _g in DECODER_CASES:
     _rose = {"mode": _mode, "upper": 70, **({"eligibility": "gpt2"} if _f == "gpt2" else {})}
     EXTRA_CASES[2].append(_case(f"decoder-{_f}-s{_s}-{_mode}-gas{_g}", stage=_s, gas=_g, model=_f, loss="causal",
                                 dropout=0.1, rose=_rose, seed=5))  # fmt: skip
+# composed methods on decoders: R-Drop's per-token term (also where ROSE needs no robust loss) and
+# ChildTuning-F's gradient masks
+DECODER_METHODS = [("llama", 2, "ensemble", "rdrop"), ("gpt2", 3, "second", "rdrop"), ("qwen2", 1, "none", "rdrop"),
+                   ("llama", 3, "ensemble", "childtuning-f"), ("qwen2", 0, "first", "childtuning-f")]  # fmt: skip
+for _f, _s, _mode, _m in DECODER_METHODS:
+    _rose = {"mode": _mode, "upper": 70, **({"eligibility": "gpt2"} if _f == "gpt2" else {})}
+    EXTRA_CASES[2].append(_case(f"decoder-{_f}-s{_s}-{_mode}-{_m}", stage=_s, model=_f, loss="causal", dropout=0.1,
+                                rose=_rose, seed=5, method={"name": _m, "rdrop_alpha": 0.5, "seed": 3}))  # fmt: skip
 
 
 # Methods composed with ROSE (R-Drop, R3F, ChildTuning-F) with real dropout and noise: the dense run
@@ -310,7 +319,7 @@ def dense_run_per_rank(case, world):
     opt = RoseAdamW(decay_param_groups(model, WD), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, rose=rose,
                     method=method)  # fmt: skip
     two = needs_robust_gradient(rose)
-    loss_fn = causal_lm_losses if case.get("model") in DECODERS else methods.loss_fn(method)
+    loss_fn = causal_lm.OBJECTIVE.loss_fn(method) if case.get("model") in DECODERS else methods.loss_fn(method)
     if method.fixed_mask:  # ChildTuning-D: the Fisher pass, each global batch's gradient averaged over ranks
         model.eval()
         params = [dict(model.named_parameters())[n] for n in opt.eligible_names]

@@ -261,11 +261,11 @@ class CausalLM:
     auto_class = AutoModelForCausalLM
 
     def check(self, args: Any, method: methods.MethodConfig) -> None:
-        # R-Drop's and R3F's terms are written over class logits, ChildTuning-D's Fisher pass over
-        # the classification loss; ChildTuning-F only masks gradients
-        if method.name not in ("none", "childtuning-f"):
-            raise CausalDataError(f"--method {method.name} is not available with --objective causal_lm; use "
-                                  "--method none or childtuning-f")  # fmt: skip
+        # R3F's noise and term are written over a classifier's input embeddings and class logits, and
+        # ChildTuning-D's Fisher pass over the classification loss; not yet for causal LMs
+        if method.name not in ("none", "rdrop", "childtuning-f"):
+            raise CausalDataError(f"--method {method.name} is not available with --objective causal_lm yet; use "
+                                  "--method none, rdrop or childtuning-f")  # fmt: skip
         if args.model_name_or_path is None:
             raise CausalDataError("--objective causal_lm needs --model_name_or_path: a decoder (Llama, Qwen2, Mistral, "
                                   "GPT-2 and their kin) as a path or hub name")  # fmt: skip
@@ -291,8 +291,20 @@ class CausalLM:
     def collator(self, tokenizer: Any) -> CausalCollator:
         return CausalCollator(tokenizer)
 
-    def loss_fn(self, method: methods.MethodConfig):
-        return causal_lm_losses
+    def loss_fn(self, method: methods.MethodConfig | None):
+        """Token-level ROSE losses; with ``--method rdrop`` the task loss gains R-Drop's term per token:
+        ``rdrop_alpha * (KL(P1||P2) + KL(P2||P1)) / 2`` averaged over the supervised tokens (the mean, as
+        the cross-entropy is; the classification term is the authors' sum over the batch)."""
+        if method is None or method.name != "rdrop":
+            return causal_lm_losses  # ChildTuning-F masks gradients only: the losses are ROSE's
+
+        def rdrop_losses(model, inputs, labels, two_passes: bool = True):
+            losses = causal_lm_losses(model, inputs, labels, two_passes=True)  # R-Drop needs both passes
+            term = method.rdrop_alpha * 2 * losses.robust / max(1, losses.tokens)  # robust: the KL sum / 4
+            losses = losses._replace(task=losses.task + term)
+            return losses if two_passes else losses._replace(robust=None)
+
+        return rdrop_losses
 
     def evaluate(self, model: Any, task: data.TaskData, tokenizer: Any, batch_size: int,
                  device: str) -> dict[str, float]:  # fmt: skip

@@ -27,6 +27,7 @@ from models import case_batch, case_model, random_batch  # noqa: E402
 import rose_ds  # noqa: E402
 import rose_ds.zero  # noqa: E402
 from rose_ds import RoseConfig, RoseLosses  # noqa: E402
+from rose_ds.training import causal_lm  # noqa: E402
 from rose_ds.training import checkpoint as ckpt  # noqa: E402
 from rose_ds import methods  # noqa: E402
 from rose_ds.methods import MethodConfig  # noqa: E402
@@ -156,7 +157,9 @@ def run_case(case, out, counter):
         ckpt.load(engine, resume, tag)
         first_step = engine.global_steps
     loss_fn = LOSSES[case.get("loss", "stand_in")]
-    if method.name in ("rdrop", "r3f"):
+    if case.get("loss") == "causal":  # the causal-LM objective's losses (R-Drop's token term included)
+        loss_fn = causal_lm.OBJECTIVE.loss_fn(method)
+    elif method.name in ("rdrop", "r3f"):
         loss_fn = methods.loss_fn(method)
     mb, gas = case["micro_bs"], case["gas"]
     record = {"masks": [], "losses": [], "bytes": [], "statistics": [], "resumed_at": first_step,
