@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         n = min(len(loader), args.childtuning_fisher_batches or len(loader))
         fisher_batches = (({k: v.to(device) for k, v in b.items() if k != "labels"}, b["labels"].to(device))
                           for b in itertools.islice(loader, n))  # fmt: skip
-        threshold = rose_ds.childtuning_d(engine, fisher_batches)
+        threshold = rose_ds.childtuning_d(engine, fisher_batches, objective.loss_fn(method))
         if procs.is_main:
             print(f"ChildTuning-D: Fisher information over {n} batches; kept where >= {threshold:.3e}")
 

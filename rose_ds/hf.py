@@ -34,7 +34,6 @@ from rose_ds import methods as rose_methods
 from rose_ds import zero
 from rose_ds.config import RoseConfig
 from rose_ds.dropout import check_passes_differ
-from rose_ds.losses import task_loss
 from rose_ds.methods import MethodConfig
 from rose_ds.optim import RoseAdamW
 from rose_ds.selection import needs_robust_gradient
@@ -192,9 +191,9 @@ class RoseTrainer(Trainer):
                 yield batch, batch.pop("labels")
 
         if self.is_deepspeed_enabled:
-            threshold = zero.childtuning_d(model, batches())
+            threshold = zero.childtuning_d(model, batches(), self._loss_fn)
         else:
-            threshold = _dense_fisher_masks(model, self.rose_optimizer, batches())
+            threshold = _dense_fisher_masks(model, self.rose_optimizer, batches(), self._loss_fn)
         if self.is_world_process_zero():
             print(f"ChildTuning-D: Fisher information over {seen} batches; kept where >= {threshold:.3e}")
         return threshold
@@ -209,7 +208,10 @@ class RoseTrainer(Trainer):
 
 @torch.enable_grad()
 def _dense_fisher_masks(
-    model: torch.nn.Module, opt: RoseAdamW, batches: Iterable[tuple[dict[str, Tensor], Tensor]]
+    model: torch.nn.Module,
+    opt: RoseAdamW,
+    batches: Iterable[tuple[dict[str, Tensor], Tensor]],
+    loss_fn: Callable[..., Any],
 ) -> float:
     """One process: sums each batch's squared task-loss gradient of the eligible tensors (dropout off)
     and hands the sums to :meth:`RoseAdamW.set_childtuning_d_fisher`; leaves no gradient behind."""
@@ -220,7 +222,8 @@ def _dense_fisher_masks(
     model.eval()  # the Fisher information of the pre-trained weights, not of a random sub-network
     try:
         for inputs, labels in batches:
-            grads = torch.autograd.grad(task_loss(model(**inputs).logits, labels), params, allow_unused=True)
+            loss = loss_fn(model, inputs, labels, two_passes=False).task
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
             for f, g in zip(fisher, grads):
                 if g is not None:
                     f.add_(g.float().square())

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from rose_ds.config import RoseConfig
 from rose_ds.dropout import check_passes_differ
-from rose_ds.losses import RoseLosses, rose_losses, task_loss
+from rose_ds.losses import RoseLosses, rose_losses
 from rose_ds.methods import MethodConfig
 from rose_ds.optim import RobustCapture, RoseAdamW, Segments, Shard, index_sum_of_squares
 from rose_ds.selection import masking_active, needs_robust_gradient
@@ -282,7 +282,11 @@ def train_step(
     return losses
 
 
-def childtuning_d(engine, batches: Iterable[tuple[Mapping[str, Tensor], Tensor]]) -> float:
+def childtuning_d(
+    engine,
+    batches: Iterable[tuple[Mapping[str, Tensor], Tensor]],
+    loss_fn: Callable[..., Any] = rose_losses,
+) -> float:
     """ChildTuning-D's Fisher pass: fixes the engine's gradient mask for the rest of the run.
 
     For each batch (this rank's rows of one global batch), the task loss is back-propagated with
@@ -295,6 +299,9 @@ def childtuning_d(engine, batches: Iterable[tuple[Mapping[str, Tensor], Tensor]]
     Args:
         engine: An engine from :func:`initialize` with ``method=MethodConfig(name="childtuning-d")``.
         batches: ``(inputs, labels)`` pairs, the same number on every rank.
+        loss_fn: ROSE's losses (``(model, inputs, labels, two_passes=...)``); the Fisher pass takes the
+            task loss of one pass: :func:`rose_ds.rose_losses` (classification) by default,
+            :func:`rose_ds.causal_lm_losses` for a causal LM.
     """
     opt = rose_optimizer(engine)
     if not opt.method.fixed_mask:
@@ -306,7 +313,7 @@ def childtuning_d(engine, batches: Iterable[tuple[Mapping[str, Tensor], Tensor]]
     try:
         for inputs, labels in batches:
             engine.set_gradient_accumulation_boundary(True)  # each batch is reduced on its own
-            loss = task_loss(engine(**inputs).logits, labels)
+            loss = loss_fn(engine, inputs, labels, two_passes=False).task
             for i, fragment in binding.gradient_fragments(loss).items():
                 square = fragment.float().square()
                 fisher[i] = square if i not in fisher else fisher[i].add_(square)

@@ -134,7 +134,8 @@ for _f, _s, _mode, _g in DECODER_CASES:
 # composed methods on decoders: R-Drop's per-token term (also where ROSE needs no robust loss) and
 # ChildTuning-F's gradient masks
 DECODER_METHODS = [("llama", 2, "ensemble", "rdrop"), ("gpt2", 3, "second", "rdrop"), ("qwen2", 1, "none", "rdrop"),
-                   ("llama", 3, "ensemble", "childtuning-f"), ("qwen2", 0, "first", "childtuning-f")]  # fmt: skip
+                   ("llama", 3, "ensemble", "childtuning-f"), ("qwen2", 0, "first", "childtuning-f"),
+                   ("llama", 3, "ensemble", "childtuning-d"), ("gpt2", 2, "second", "childtuning-d")]  # fmt: skip
 for _f, _s, _mode, _m in DECODER_METHODS:
     _rose = {"mode": _mode, "upper": 70, **({"eligibility": "gpt2"} if _f == "gpt2" else {})}
     EXTRA_CASES[2].append(_case(f"decoder-{_f}-s{_s}-{_mode}-{_m}", stage=_s, model=_f, loss="causal", dropout=0.1,
@@ -325,8 +326,14 @@ def dense_run_per_rank(case, world):
         params = [dict(model.named_parameters())[n] for n in opt.eligible_names]
         fisher = [torch.zeros_like(p) for p in params]
         for j in range(FISHER_BATCHES):
-            inputs, labels = random_batch(100 + j, batch_size=world * case["micro_bs"])
-            loss = torch.nn.functional.cross_entropy(model(**inputs).logits, labels)  # = the mean of ranks' means
+            inputs, labels = case_batch(case, 100 + j, world * case["micro_bs"])
+            if case.get("model") in DECODERS:  # the mean of the ranks' token means
+                mb = case["micro_bs"]
+                rows = [slice(r * mb, (r + 1) * mb) for r in range(world)]
+                loss = sum(loss_fn(model, {k: v[s] for k, v in inputs.items()}, labels[s], two_passes=False).task
+                           for s in rows) / world  # fmt: skip
+            else:
+                loss = torch.nn.functional.cross_entropy(model(**inputs).logits, labels)  # = the mean of ranks' means
             for f, g in zip(fisher, torch.autograd.grad(loss, params)):
                 f.add_(g.square())
         model.train()

@@ -261,11 +261,10 @@ class CausalLM:
     auto_class = AutoModelForCausalLM
 
     def check(self, args: Any, method: methods.MethodConfig) -> None:
-        # R3F's noise and term are written over a classifier's input embeddings and class logits, and
-        # ChildTuning-D's Fisher pass over the classification loss; not yet for causal LMs
-        if method.name not in ("none", "rdrop", "childtuning-f"):
-            raise CausalDataError(f"--method {method.name} is not available with --objective causal_lm yet; use "
-                                  "--method none, rdrop or childtuning-f")  # fmt: skip
+        # R3F's noise and term are written over a classifier's input embeddings and class logits
+        if method.name == "r3f":
+            raise CausalDataError("--method r3f is not available with --objective causal_lm yet; use --method "
+                                  "none, rdrop, childtuning-f or childtuning-d")  # fmt: skip
         if args.model_name_or_path is None:
             raise CausalDataError("--objective causal_lm needs --model_name_or_path: a decoder (Llama, Qwen2, Mistral, "
                                   "GPT-2 and their kin) as a path or hub name")  # fmt: skip

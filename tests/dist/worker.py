@@ -148,10 +148,11 @@ def run_case(case, out, counter):
         mb = case["micro_bs"]
         fisher_batches = []
         for j in range(FISHER_BATCHES):
-            inputs, labels = random_batch(100 + j, batch_size=world * mb)
+            inputs, labels = case_batch(case, 100 + j, world * mb)
             rows = slice(rank * mb, (rank + 1) * mb)
             fisher_batches.append(({k: v[rows] for k, v in inputs.items()}, labels[rows]))
-        rose_ds.childtuning_d(engine, fisher_batches)
+        decoder = case.get("loss") == "causal"
+        rose_ds.childtuning_d(engine, fisher_batches, rose_ds.causal_lm_losses if decoder else rose_ds.rose_losses)
     first_step = 0
     if resume is not None:
         ckpt.load(engine, resume, tag)
