@@ -117,11 +117,14 @@ class TokenLosses(NamedTuple):
         robust: ``sum over supervised tokens of KL(P2 || P1) + KL(P1 || P2)``, divided by 4; None for
             one pass.
         tokens: How many tokens were supervised.
+        noise: With a noisy pass (R3F): ``sum over supervised tokens of KL(P1 || Pn) + KL(Pn || P1)``
+            between the first clean pass and the noisy one; None otherwise.
     """
 
     task: Tensor
     robust: Tensor | None
     tokens: int
+    noise: Tensor | None = None
 
 
 def supervised_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -139,6 +142,7 @@ def token_losses(
     *,
     two_passes: bool = True,
     chunk_tokens: int = 1024,
+    noisy: bool = False,
 ) -> TokenLosses:
     """ROSE's two losses of a causal LM from its final hidden states, a chunk of tokens at a time.
 
@@ -154,8 +158,10 @@ def token_losses(
         head: Maps hidden states to vocabulary logits (the model's output embedding).
         labels: ``[batch, length]`` token ids, ``-100`` where the loss skips a token (prompt, padding);
             position ``t`` predicts token ``t + 1``, as in Hugging Face's causal LMs.
-        two_passes: False: ``hidden`` is one pass, ``robust`` is None.
+        two_passes: False: ``hidden`` is one clean pass, ``robust`` is None.
         chunk_tokens: Tokens per chunk.
+        noisy: ``hidden`` ends with one more pass, of noisy inputs (R3F): it is left out of the task
+            loss, and ``noise`` is its symmetric KL to the first clean pass.
 
     Returns:
         The losses; a batch without a supervised token gives zero losses that still depend on the
@@ -164,7 +170,8 @@ def token_losses(
     Raises:
         ValueError: when the shapes of ``hidden`` and ``labels`` do not match, or ``chunk_tokens < 1``.
     """
-    passes = 2 if two_passes else 1
+    clean = 2 if two_passes else 1
+    passes = clean + int(noisy)
     batch, length = labels.shape
     if hidden.dim() != 3 or hidden.shape[:2] != (passes * batch, length):
         raise ValueError(
@@ -177,23 +184,28 @@ def token_losses(
     n = int(where.numel())
     if n == 0:  # zero, but through the graph: the backward still reaches every parameter
         zero = hidden.sum() * 0.0
-        return TokenLosses(zero, zero if two_passes else None, 0)
+        return TokenLosses(zero, zero if two_passes else None, 0, zero if noisy else None)
     # a view, indexed per chunk: gathering the supervised rows at once would copy the hidden states
     passes_view = hidden.unflatten(0, (passes, batch))
-    ce_sum = kl_sum = None
+    sums = None
     for start in range(0, n, chunk_tokens):
         idx = where[start : start + chunk_tokens]
         h = passes_view[:, idx // (length - 1), idx % (length - 1)]
         y = targets[start : start + chunk_tokens]
-        ce, kl = checkpoint(_chunk_losses, h, y, head, two_passes, use_reentrant=False)
-        ce_sum = ce if ce_sum is None else ce_sum + ce
-        kl_sum = kl if kl_sum is None else kl_sum + kl
-    task = ce_sum / (passes * n)
-    return TokenLosses(task, kl_sum / 4 if two_passes else None, n)
+        chunk = checkpoint(_chunk_losses, h, y, head, clean, noisy, use_reentrant=False)
+        sums = chunk if sums is None else [None if a is None else a + b for a, b in zip(sums, chunk)]
+    ce_sum, kl_sum, noise_sum = sums
+    return TokenLosses(ce_sum / (clean * n), kl_sum / 4 if two_passes else None, n, noise_sum)
 
 
 def causal_lm_losses(
-    model: Any, inputs: Mapping[str, Tensor], labels: Tensor, *, two_passes: bool = True, chunk_tokens: int = 1024
+    model: Any,
+    inputs: Mapping[str, Tensor],
+    labels: Tensor,
+    *,
+    two_passes: bool = True,
+    chunk_tokens: int = 1024,
+    noise: Callable[[Tensor], Tensor] | None = None,
 ) -> TokenLosses:
     """Runs one or two dropout passes of a causal LM and returns ROSE's token losses (:func:`token_losses`).
 
@@ -209,6 +221,8 @@ def causal_lm_losses(
         labels: ``[batch, length]``: the input ids with ``-100`` where the loss skips a token.
         two_passes: As in :func:`rose_losses`.
         chunk_tokens: Tokens whose logits are made at once.
+        noise: R3F: maps the input embeddings to a noise tensor; one more pass, of the embeddings plus
+            the noise, runs in the same forward, and ``noise`` of the result is its KL term.
 
     Raises:
         ValueError: as :func:`rose_losses` for a model in eval mode, or when the model has no output
@@ -218,12 +232,19 @@ def causal_lm_losses(
         raise ValueError(
             "causal_lm_losses: the model is in eval mode; call model.train() so the two dropout passes differ"
         )
-    n = labels.shape[0]
-    if two_passes:
+    n, clean = labels.shape[0], 2 if two_passes else 1
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    if noise is not None:
+        embeddings = module.get_input_embeddings()(inputs["input_ids"])
+        stacked = {k: stack_batch(v, n, clean + 1) for k, v in inputs.items() if k != "input_ids"}
+        stacked["inputs_embeds"] = torch.cat([embeddings] * clean + [embeddings + noise(embeddings)])
+        inputs = stacked
+    elif two_passes:
         inputs = {k: stack_batch(v, n, 2) for k, v in inputs.items()}
-    with _hidden_states_out(getattr(model, "module", model)) as head:
+    with _hidden_states_out(module) as head:
         hidden = model(**inputs, use_cache=False).logits
-    return token_losses(hidden, head, labels, two_passes=two_passes, chunk_tokens=chunk_tokens)
+    return token_losses(hidden, head, labels, two_passes=two_passes, chunk_tokens=chunk_tokens,
+                        noisy=noise is not None)  # fmt: skip
 
 
 @contextmanager
@@ -240,12 +261,14 @@ def _hidden_states_out(model: Any) -> Iterator[torch.nn.Module]:
 
 
 def _chunk_losses(
-    h: Tensor, y: Tensor, head: Callable[[Tensor], Tensor], two_passes: bool
-) -> tuple[Tensor, Tensor | None]:
-    """Summed cross-entropy over the passes, and the summed symmetric KL, of one chunk of tokens."""
+    h: Tensor, y: Tensor, head: Callable[[Tensor], Tensor], clean: int, noisy: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Of one chunk of tokens: the cross-entropy summed over the clean passes, the two clean passes'
+    summed symmetric KL, and the first clean pass's to the noisy one (the last, when ``noisy``)."""
     logp = [F.log_softmax(head(h[p]).float(), dim=-1) for p in range(h.shape[0])]
-    ce = sum(F.nll_loss(lp, y, reduction="sum") for lp in logp)
-    return ce, _symmetric_kl_of_log_probs(*logp) if two_passes else None
+    ce = sum(F.nll_loss(lp, y, reduction="sum") for lp in logp[:clean])
+    kl = _symmetric_kl_of_log_probs(logp[0], logp[1]) if clean == 2 else None
+    return ce, kl, _symmetric_kl_of_log_probs(logp[0], logp[-1]) if noisy else None
 
 
 __all__ = [

@@ -124,6 +124,14 @@ def r3f_kl(z: Tensor, z_noisy: Tensor) -> Tensor:
     return symmetric_kl_sum(z, z_noisy) / z.shape[0]
 
 
+def r3f_noise(embeddings: Tensor, method: MethodConfig) -> Tensor:
+    """R3F's noise for input embeddings: ``U(-eps, eps)`` or ``N(0, eps^2)`` (``r3f_noise``), drawn
+    from the global random stream."""
+    if method.r3f_noise == "uniform":
+        return torch.empty_like(embeddings).uniform_(-method.r3f_eps, method.r3f_eps)
+    return torch.empty_like(embeddings).normal_(0.0, method.r3f_eps)
+
+
 def method_losses(
     model: Any, inputs: Mapping[str, Tensor], labels: Tensor, method: MethodConfig, *, robust: bool
 ) -> RoseLosses:
@@ -155,10 +163,7 @@ def method_losses(
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
     n = labels.shape[0]
     embeddings = module.get_input_embeddings()(inputs["input_ids"])
-    if method.r3f_noise == "uniform":
-        noise = torch.empty_like(embeddings).uniform_(-method.r3f_eps, method.r3f_eps)
-    else:
-        noise = torch.empty_like(embeddings).normal_(0.0, method.r3f_eps)
+    noise = r3f_noise(embeddings, method)
     stacked = {k: stack_batch(v, n, clean + 1) for k, v in inputs.items() if k != "input_ids"}
     stacked["inputs_embeds"] = torch.cat([embeddings] * clean + [embeddings + noise])
     z = model(**stacked).logits

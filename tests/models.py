@@ -64,7 +64,8 @@ def decay_groups(model):
 
 
 def tiny_decoder(family: str, dropout: float = 0.1, seed: int = 0, vocab: int = 50):
-    """A 2-layer causal LM of a decoder family ('llama', 'qwen2', 'gpt2') from config (no download)."""
+    """A 2-layer causal LM of a decoder family ('llama', 'qwen2', 'mistral', 'gpt2') from config (no
+    download)."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -74,6 +75,8 @@ def tiny_decoder(family: str, dropout: float = 0.1, seed: int = 0, vocab: int = 
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**shape))
     elif family == "qwen2":
         model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**shape))
+    elif family == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(**shape))
     else:
         cfg = tf.GPT2Config(vocab_size=vocab, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0,
                             eos_token_id=1, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)  # fmt: skip
@@ -119,7 +122,7 @@ def save_tiny_causal_lm(path, family: str = "llama", chat_template: bool = True,
     return path
 
 
-DECODERS = ("llama", "qwen2", "gpt2")
+DECODERS = ("llama", "qwen2", "mistral", "gpt2")
 
 
 def case_model(case: dict):

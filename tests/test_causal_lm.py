@@ -177,7 +177,6 @@ def test_the_recipe_fine_tunes_a_chat_model_with_token_level_rose_on_two_process
     [
         ("columns", "needs a 'messages' column"),
         ("no-template", "no chat template"),
-        ("method", "--method r3f is not available with --objective causal_lm"),
         ("no-model", "--objective causal_lm needs --model_name_or_path"),
         ("too-long", "--max_seq_length 100000 is above the model's limit"),
     ],
@@ -192,8 +191,6 @@ def test_bad_causal_input_is_one_line_and_writes_nothing(model_dir, tmp_path, ca
     elif case == "no-template":
         plain = save_tiny_causal_lm(tmp_path / "plain", chat_template=False)
         args[1] = str(plain)
-    elif case == "method":
-        args += ["--method", "r3f"]
     elif case == "no-model":
         args = args[2:]
     else:
@@ -261,3 +258,36 @@ def test_rdrop_on_a_causal_lm_adds_the_per_token_mean_of_the_half_symmetric_kl()
         assert (got.robust is None) == (not two_passes)
         if two_passes:
             assert torch.allclose(got.robust, robust, rtol=1e-5)
+
+
+@pytest.mark.parametrize("two_passes", [True, False])
+def test_r3f_on_a_causal_lm_adds_the_per_token_mean_of_the_clean_noisy_symmetric_kl(two_passes):
+    """--method r3f with --objective causal_lm: one more pass over the input embeddings plus R3F's noise
+    in the same forward; task = the clean passes' mean token CE + lambda * mean over the supervised tokens
+    of KL(P||Pn) + KL(Pn||P), from whole logits (tests/reference.py)."""
+    from models import random_lm_batch, tiny_decoder
+    from reference import reference_token_losses
+
+    from rose_ds.losses import stack_batch
+    from rose_ds.methods import MethodConfig, r3f_noise
+
+    method = MethodConfig(name="r3f", r3f_lambda=0.6, r3f_eps=0.05)
+    model = tiny_decoder("qwen2", dropout=0.1, seed=2)
+    inputs, labels = random_lm_batch(6, batch_size=4)
+    torch.manual_seed(21)
+    got = causal_lm.OBJECTIVE.loss_fn(method)(model, inputs, labels, two_passes=two_passes)
+    torch.manual_seed(21)  # the same noise, then the same dropout masks
+    clean = 2 if two_passes else 1
+    embeddings = model.get_input_embeddings()(inputs["input_ids"])
+    noisy = embeddings + r3f_noise(embeddings, method)
+    z = model(inputs_embeds=torch.cat([embeddings] * clean + [noisy]),
+              attention_mask=stack_batch(inputs["attention_mask"], 4, clean + 1), use_cache=False).logits  # fmt: skip
+    task, robust = reference_token_losses(z[:4], z[4:8] if two_passes else z[:4], labels)
+    if not two_passes:
+        task = reference_token_losses(z[:4], z[:4], labels)[0]
+    _, noise = reference_token_losses(z[:4], z[-4:], labels)  # the symmetric KL sum / 4
+    tokens = int((labels[:, 1:] != -100).sum())
+    assert torch.allclose(got.task, task + 0.6 * 4 * noise / tokens, rtol=1e-5)
+    assert got.noise is None and (got.robust is None) == (not two_passes)
+    if two_passes:
+        assert torch.allclose(got.robust, robust, rtol=1e-5)

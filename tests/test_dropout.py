@@ -28,7 +28,7 @@ def _robust_per_row(model, seed=0):
     return losses, losses.robust.item() / losses.tokens
 
 
-@pytest.mark.parametrize("family", ["bert", "llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["bert", "llama", "qwen2", "mistral", "gpt2"])
 def test_set_dropout_makes_the_passes_of_a_dropout_free_model_differ_and_back(family):
     model = tiny_bert(dropout=0.0) if family == "bert" else tiny_decoder(family, dropout=0.0)
     config_before = model.config.to_dict()
@@ -37,7 +37,7 @@ def test_set_dropout_makes_the_passes_of_a_dropout_free_model_differ_and_back(fa
     with pytest.raises(IdenticalPassesError, match="--rose_dropout 0.1"):
         check_passes_differ(losses)
     sites = set_dropout(model, 0.1)
-    if family in ("llama", "qwen2"):  # no nn.Dropout: the attention modules' attention_dropout, one a layer
+    if family in ("llama", "qwen2", "mistral"):  # no nn.Dropout: the attention modules' attention_dropout, one a layer
         assert (sites.modules, sites.attention) == (0, 2)
     else:
         assert sites.modules > 0 and sites.attention == 0

@@ -123,7 +123,7 @@ def test_token_losses_of_identical_passes_and_of_no_supervised_token():
         token_losses(h[:batch], head, labels)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt2"])
 def test_causal_lm_losses_of_real_decoders_equal_the_formula_without_whole_logits(family):
     """Two dropout passes of a tiny Llama, Qwen2 or GPT-2: the losses equal the formula over the whole
     logits of the same stacked forward, and the output head never sees more than a chunk of tokens."""

@@ -135,11 +135,14 @@ for _f, _s, _mode, _g in DECODER_CASES:
 # ChildTuning-F's gradient masks
 DECODER_METHODS = [("llama", 2, "ensemble", "rdrop"), ("gpt2", 3, "second", "rdrop"), ("qwen2", 1, "none", "rdrop"),
                    ("llama", 3, "ensemble", "childtuning-f"), ("qwen2", 0, "first", "childtuning-f"),
-                   ("llama", 3, "ensemble", "childtuning-d"), ("gpt2", 2, "second", "childtuning-d")]  # fmt: skip
+                   ("llama", 3, "ensemble", "childtuning-d"), ("gpt2", 2, "second", "childtuning-d"),
+                   ("llama", 2, "ensemble", "r3f"), ("gpt2", 3, "first", "r3f"),
+                   ("qwen2", 1, "second", "r3f")]  # fmt: skip
 for _f, _s, _mode, _m in DECODER_METHODS:
     _rose = {"mode": _mode, "upper": 70, **({"eligibility": "gpt2"} if _f == "gpt2" else {})}
     EXTRA_CASES[2].append(_case(f"decoder-{_f}-s{_s}-{_mode}-{_m}", stage=_s, model=_f, loss="causal", dropout=0.1,
-                                rose=_rose, seed=5, method={"name": _m, "rdrop_alpha": 0.5, "seed": 3}))  # fmt: skip
+                                rose=_rose, seed=5, method={"name": _m, "rdrop_alpha": 0.5, "r3f_eps": 0.05,
+                                                            "seed": 3}))  # fmt: skip
 
 
 # Methods composed with ROSE (R-Drop, R3F, ChildTuning-F) with real dropout and noise: the dense run

@@ -261,10 +261,6 @@ class CausalLM:
     auto_class = AutoModelForCausalLM
 
     def check(self, args: Any, method: methods.MethodConfig) -> None:
-        # R3F's noise and term are written over a classifier's input embeddings and class logits
-        if method.name == "r3f":
-            raise CausalDataError("--method r3f is not available with --objective causal_lm yet; use --method "
-                                  "none, rdrop, childtuning-f or childtuning-d")  # fmt: skip
         if args.model_name_or_path is None:
             raise CausalDataError("--objective causal_lm needs --model_name_or_path: a decoder (Llama, Qwen2, Mistral, "
                                   "GPT-2 and their kin) as a path or hub name")  # fmt: skip
@@ -291,11 +287,22 @@ class CausalLM:
         return CausalCollator(tokenizer)
 
     def loss_fn(self, method: methods.MethodConfig | None):
-        """Token-level ROSE losses; with ``--method rdrop`` the task loss gains R-Drop's term per token:
+        """Token-level ROSE losses. With ``--method rdrop`` the task loss gains R-Drop's term per token:
         ``rdrop_alpha * (KL(P1||P2) + KL(P2||P1)) / 2`` averaged over the supervised tokens (the mean, as
-        the cross-entropy is; the classification term is the authors' sum over the batch)."""
+        the cross-entropy is; the classification term is the authors' sum over the batch); with
+        ``--method r3f`` R3F's: ``r3f_lambda * (KL(P||Pn) + KL(Pn||P))`` averaged over the supervised
+        tokens, ``Pn`` a pass over noisy input embeddings (run in the same forward)."""
+        if method is not None and method.name == "r3f":
+
+            def r3f_losses(model, inputs, labels, two_passes: bool = True):
+                losses = causal_lm_losses(model, inputs, labels, two_passes=two_passes,
+                                          noise=lambda e: methods.r3f_noise(e, method))  # fmt: skip
+                term = method.r3f_lambda * losses.noise / max(1, losses.tokens)
+                return losses._replace(task=losses.task + term, noise=None)
+
+            return r3f_losses
         if method is None or method.name != "rdrop":
-            return causal_lm_losses  # ChildTuning-F masks gradients only: the losses are ROSE's
+            return causal_lm_losses  # ChildTuning-F/D mask gradients only: the losses are ROSE's
 
         def rdrop_losses(model, inputs, labels, two_passes: bool = True):
             losses = causal_lm_losses(model, inputs, labels, two_passes=True)  # R-Drop needs both passes
