@@ -275,9 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
         plot_run(state.log_history, state.mask_history, optimizer.eligible_names, out / "training.png")
         print(f"finished {engine.global_steps} steps in {runtime:.0f} s: {objective.summary(metrics, task)}")
     logger.close()
-    launcher.close_processes()
+    engine.destroy()
     return results
 
 
 if __name__ == "__main__":
     main()
+    launcher.close_processes()  # after main has returned: its engine and model are garbage now

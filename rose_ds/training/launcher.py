@@ -7,6 +7,7 @@ torchtitan's ``distributed/utils.py`` and torchtune's ``training/_distributed.py
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -96,14 +97,22 @@ def init_processes() -> Processes:
 
 
 def close_processes() -> None:
-    """Leaves the process group; every rank calls it at the end of a run that went well.
+    """Collects what the run left (the engine and model, once the recipe's ``main`` has returned), then
+    leaves the process group; every rank calls it after a run that went well.
 
-    A process that exits with gloo's worker threads still up can abort at interpreter shutdown
-    (``terminate called without an active exception``, SIGABRT after a finished run: measured on 2
-    of 8 two-rank runs of the README example without it, 0 of 10 with it). Not called on an error,
-    where the other ranks may still be in a collective.
+    A process that exits with gloo's worker threads still up aborts at interpreter shutdown now and
+    then (``terminate called without an active exception``, SIGABRT after a finished run): a gloo
+    thread that drops the last reference to a finished collective's tensor needs the GIL, which a
+    finalizing interpreter no longer gives (seen in gdb: the thread is unwound in
+    ``ProcessGroupGloo::runLoop`` while the main thread is in ``Py_FinalizeEx``'s garbage collection).
+    Measured on 2 ranks: the README example (ZeRO-2) aborted 2 of 8 runs without leaving the group, 0
+    of 10 with; at ZeRO-3 leaving the group is not enough while the engine and model live (2 of 16
+    runs, and 1 of 8 after ``engine.destroy()``); collecting them first, 0 of 44. Not called on an
+    error, where the other ranks may still be in a collective.
     """
-    dist.destroy_process_group()
+    gc.collect()  # the process groups' last references go while the interpreter is whole
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_ranks_finite(finite: bool) -> bool:

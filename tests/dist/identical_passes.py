@@ -2,6 +2,7 @@
 IdenticalPassesError before any backward, the weights untouched; after rose_ds.set_dropout the
 same engine trains. Run by tests/test_dropout.py under torchrun: identical_passes.py STAGE."""
 
+import gc
 import sys
 from pathlib import Path
 
@@ -36,8 +37,10 @@ def main() -> None:
         rose_ds.train_step(engine, inputs, labels)
     print(f"rank {rank} trained {engine.global_steps} steps, kept {rose_ds.rose_optimizer(engine).kept_fraction:.2f}",
           flush=True)  # fmt: skip
-    deepspeed.comm.destroy_process_group()
+    engine.destroy()
 
 
 if __name__ == "__main__":
     main()
+    gc.collect()  # the engine and model, now garbage; then leave the group (launcher.close_processes)
+    deepspeed.comm.destroy_process_group()
