@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -213,23 +212,12 @@ def load_raw(args) -> datasets.DatasetDict:
     """``train`` and ``validation`` splits of ``--train_file``/``--validation_file`` or ``--dataset_name``.
 
     Raises:
-        CausalDataError: neither given, a missing file, or a hub dataset without a validation split.
+        CausalDataError: neither given, or a hub dataset without a validation split.
+        DataError: a missing or unreadable file (:func:`~rose_ds.training.data.read_checked`).
         OSError: the hub out of reach.
     """
     if args.train_file:
-        if not args.validation_file:
-            raise CausalDataError("--train_file needs --validation_file")
-        for flag, path in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
-            if not Path(path).is_file():
-                raise CausalDataError(f"{flag} {path!r}: no such file")
-        try:
-            return data.read_local(args.train_file, args.validation_file)
-        except ValueError as err:
-            raise CausalDataError(str(err)) from None
-        except Exception as err:  # the datasets builder's parse errors name neither the file nor the fix
-            cause = str(err.__cause__ or err).splitlines()[0][:200]
-            raise CausalDataError(f"--train_file / --validation_file could not be read ({cause}); check the "
-                                  "file's format") from None  # fmt: skip
+        return data.read_checked(args, data.read_local)
     if args.dataset_name:
         raw = datasets.load_dataset(args.dataset_name)
         held_out = next((s for s in ("validation", "test") if s in raw), None)

@@ -235,6 +235,28 @@ def sequence_limit(config, tokenizer) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
+def read_checked(args, read):
+    """``read(args.train_file, args.validation_file)``, its bad input turned into one-line errors: both
+    files needed and present, and a file the ``datasets`` builder cannot parse named with its format.
+
+    Raises:
+        DataError: named with its flag.
+    """
+    if not args.validation_file:
+        raise DataError("--train_file needs --validation_file")
+    for flag, path in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
+        if not Path(path).is_file():
+            raise DataError(f"{flag} {path!r}: no such file")
+    try:
+        return read(args.train_file, args.validation_file)
+    except (ValueError, FileNotFoundError) as err:
+        raise DataError(str(err)) from None
+    except Exception as err:  # the datasets builder's parse errors name neither the file nor the fix
+        cause = str(err.__cause__ or err).splitlines()[0][:200]
+        raise DataError(f"--train_file / --validation_file could not be read as {Path(args.train_file).suffix} "
+                        f"({cause}); check the file's format") from None  # fmt: skip
+
+
 def load_task(args, tokenizer) -> TaskData:
     """The task the arguments name (``--task_name`` or ``--train_file``/``--validation_file``), tokenized.
 
@@ -249,20 +271,8 @@ def load_task(args, tokenizer) -> TaskData:
     spec = TASKS.get(args.task_name)
     adv_file = args.adv_file or (str(SHARED_ADVGLUE) if SHARED_ADVGLUE.is_file() else None)
     if args.train_file:
-        if not args.validation_file:
-            raise DataError("--train_file needs --validation_file")
         columns = (args.text_column,) + ((args.text_pair_column,) if args.text_pair_column else ())
-        for flag, path in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
-            if not Path(path).is_file():
-                raise DataError(f"{flag} {path!r}: no such file")
-        try:
-            raw, num_labels = load_local(args.train_file, args.validation_file, columns, args.label_column)
-        except (ValueError, FileNotFoundError) as err:
-            raise DataError(str(err)) from None
-        except Exception as err:  # the datasets builder's parse errors name neither the file nor the fix
-            cause = str(err.__cause__ or err).splitlines()[0][:200]
-            raise DataError(f"--train_file / --validation_file could not be read as {Path(args.train_file).suffix} "
-                            f"({cause}); check the file's format") from None  # fmt: skip
+        raw, num_labels = read_checked(args, lambda train, dev: load_local(train, dev, columns, args.label_column))
         task = None
     elif spec is None:
         raise DataError(f"--task_name {args.task_name!r} is unknown; use one of {', '.join(TASKS)} or --train_file")
