@@ -283,8 +283,8 @@ def main() -> None:
         args.out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "out"},
                                         "world_size": dist.get_world_size(), "ranks": gathered}, indent=2,
                                        default=str))  # fmt: skip
-    dist.destroy_process_group()  # exiting with gloo's threads up can abort a rank
 
 
 if __name__ == "__main__":
     main()
+    rose_ds.shutdown()  # exiting with the process group alive can abort a rank

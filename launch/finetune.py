@@ -281,4 +281,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
-    launcher.close_processes()  # after main has returned: its engine and model are garbage now
+    zero.shutdown()  # after main has returned: its engine and model are garbage now

@@ -30,7 +30,7 @@ from rose_ds.dropout import IdenticalPassesError, set_dropout
 from rose_ds.hf import RoseTrainer, join_cpu_processes
 from rose_ds.training import data as rose_data
 from rose_ds.training.args import ArgumentError, RoseArgs
-from rose_ds.zero import UnsupportedConfigError
+from rose_ds.zero import UnsupportedConfigError, shutdown
 
 
 @dataclass
@@ -112,10 +112,9 @@ def main(argv: list[str] | None = None, trainer_class: type[RoseTrainer] = RoseT
     trainer.save_model()
     metrics = trainer.evaluate()
     trainer.save_metrics("eval", metrics)
-    # leave the process group cleanly: exiting with gloo's threads still up can abort a rank
-    trainer.accelerator.end_training()
     return trainer
 
 
 if __name__ == "__main__":
     main()
+    shutdown()  # after main has returned: the Trainer, its engine and model are garbage now

@@ -28,6 +28,7 @@ _ZERO_API = (
     "rose_optimizer",
     "decay_param_groups",
     "UnsupportedConfigError",
+    "shutdown",
 )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,11 @@ from typing import Any
 import deepspeed
 import deepspeed.comm as dist
 import torch
+
+# Imported before any process group exists: its functions take ``group=group.WORLD`` as a default
+# evaluated at import, and DeepSpeed imports it (through torch.distributed._shard) after the group is
+# up, which would keep the group, and gloo's threads, alive until interpreter exit (see shutdown()).
+import torch.distributed.nn.functional  # noqa: F401  isort: skip
 from deepspeed.accelerator import get_accelerator
 from torch import Tensor, nn
 
@@ -86,6 +92,59 @@ def skip_shm_comm_build() -> bool:
         return False
     ops[SHM_COMM_OP] = False
     return True
+
+
+# Engines bound to a RoseAdamW, destroyed by shutdown(): ZeRO's gradient hooks live in autograd's C++
+# nodes and hold the engine in a cycle the garbage collector cannot see, until ``engine.destroy()``.
+_BOUND_ENGINES: weakref.WeakSet = weakref.WeakSet()
+
+
+def shutdown() -> None:
+    """Leaves the process group so that the process exits cleanly; every rank calls it after a run that
+    went well, once the run's engines, models and Trainers are no longer referenced (for instance after
+    the function that built them has returned). Not for an error, where other ranks may still be in a
+    collective.
+
+    A process that exits while its process group lives aborts now and then at interpreter shutdown
+    (``terminate called without an active exception``): a gloo worker thread that drops the last
+    reference to a tensor needs the GIL, which a finalizing interpreter no longer gives. The group lives
+    as long as anything refers to it, and ``destroy_process_group()`` alone left it alive: on 2 ranks,
+    4 ``pt_gloo_runloop`` threads were still up after it, and the abort came in 1 of 7 RoseTrainer runs
+    at ZeRO-3 (and once in CI). Four things kept it: every ZeRO-3 parameter refers to it
+    (``ds_process_group``) and DeepSpeed keeps ZeRO-3 models for the life of the process, a Trainer
+    never destroys its engine (whose gradient hooks hold it in a cycle the collector cannot see), and
+    ``torch.distributed.nn.functional`` holds it as a default argument (see the import above).
+    :func:`_release_engines` and that import remove them; after this function no gloo thread is left
+    (``tests/test_zero.py::test_shutdown_leaves_no_gloo_thread``, ``tests/test_hf.py``).
+    """
+    import gc
+
+    _release_engines()  # (a helper's frame: no local of this one may keep an engine alive)
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _release_engines() -> None:
+    """Destroys the engines bound to a RoseAdamW (which removes ZeRO's gradient hooks: autograd's C++
+    nodes hold them, and through them the engine, in a cycle the garbage collector cannot see), then
+    drops the two references DeepSpeed 0.19 keeps to every ZeRO-3 model for the life of the process:
+    the engine's root module in ``parameter_offload.FWD_MODULE_STACK`` (appended when the engine is
+    built, never removed), and every submodule in the ``functools.lru_cache`` of
+    ``PartitionedParameterCoordinator.__params_to_release`` (a cache on a method, shared by the class)."""
+    from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator
+
+    for engine in list(_BOUND_ENGINES):  # a Trainer never destroys its engine
+        engine.destroy()
+    _BOUND_ENGINES.clear()
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
+    if isinstance(stack, list):
+        stack.clear()  # between forward passes only root modules are left in it
+    coordinator = getattr(partitioned_param_coordinator, "PartitionedParameterCoordinator", None)
+    release = vars(coordinator).get("_PartitionedParameterCoordinator__params_to_release") if coordinator else None
+    for wrapped in (release, *(c.cell_contents for c in getattr(release, "__closure__", None) or ())):
+        if hasattr(wrapped, "cache_clear"):  # under DeepSpeed's NVTX wrapper
+            wrapped.cache_clear()
 
 
 def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -370,6 +429,7 @@ class ZeroBinding:
                 "pipeline-parallel engines are not supported by rose_ds; use ZeRO data parallel"
             )
         self.engine = engine
+        _BOUND_ENGINES.add(engine)  # destroyed by shutdown()
         self.opt = opt
         # whether this process has seen two passes differ (rose_ds.dropout.check_passes_differ)
         self.passes_checked = False

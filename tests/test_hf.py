@@ -93,6 +93,10 @@ def test_trainer_trains_exactly_as_finetune(tmp_path, config, accumulation, step
     moved = [k for k in common if k.removeprefix("bert.") in pretrained and
              not torch.equal(pretrained[k.removeprefix("bert.")], b[k])]  # fmt: skip
     assert len(moved) > 40
+    # rose_ds.shutdown() ended the process group's threads (one alive at interpreter exit can abort a rank)
+    for rank in range(2):
+        threads = json.loads((tmp_path / "trainer" / f"threads{rank}.json").read_text())
+        assert not [t for t in threads if "gloo" in t], threads
 
 
 def test_trainer_resumes_bit_for_bit(tmp_path):

@@ -7,7 +7,6 @@ torchtitan's ``distributed/utils.py`` and torchtune's ``training/_distributed.py
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import socket
@@ -96,25 +95,6 @@ def init_processes() -> Processes:
     return Processes(rank, world, launcher, placement, get_accelerator().current_device_name())
 
 
-def close_processes() -> None:
-    """Collects what the run left (the engine and model, once the recipe's ``main`` has returned), then
-    leaves the process group; every rank calls it after a run that went well.
-
-    A process that exits with gloo's worker threads still up aborts at interpreter shutdown now and
-    then (``terminate called without an active exception``, SIGABRT after a finished run): a gloo
-    thread that drops the last reference to a finished collective's tensor needs the GIL, which a
-    finalizing interpreter no longer gives (seen in gdb: the thread is unwound in
-    ``ProcessGroupGloo::runLoop`` while the main thread is in ``Py_FinalizeEx``'s garbage collection).
-    Measured on 2 ranks: the README example (ZeRO-2) aborted 2 of 8 runs without leaving the group, 0
-    of 10 with; at ZeRO-3 leaving the group is not enough while the engine and model live (2 of 16
-    runs, and 1 of 8 after ``engine.destroy()``); collecting them first, 0 of 44. Not called on an
-    error, where the other ranks may still be in a collective.
-    """
-    gc.collect()  # the process groups' last references go while the interpreter is whole
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def all_ranks_finite(finite: bool) -> bool:
     """Whether ``finite`` holds on every rank (an all-reduce: every rank must call it)."""
     flag = torch.tensor([0.0 if finite else 1.0], device=get_accelerator().current_device_name())
@@ -179,4 +159,4 @@ def _job_port() -> str:
     return str(20000 + int(job) % 20000) if job else "29500"
 
 
-__all__ = ["LauncherError", "Processes", "all_ranks_finite", "check_precision", "close_processes", "init_processes"]
+__all__ = ["LauncherError", "Processes", "all_ranks_finite", "check_precision", "init_processes"]

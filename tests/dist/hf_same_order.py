@@ -7,6 +7,8 @@ ROSE integration as the only difference, which tests/test_hf.py compares.
     deepspeed --num_gpus 2 tests/dist/hf_same_order.py --deepspeed ds_configs/zero2.json ...
 """
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,4 +33,11 @@ class SameOrderAsFinetune(RoseTrainer):
 
 
 if __name__ == "__main__":
+    rank = int(os.environ.get("RANK", "0"))
+    out = Path(sys.argv[sys.argv.index("--output_dir") + 1])
     hf_trainer.main(sys.argv[1:], SameOrderAsFinetune)
+    hf_trainer.shutdown()
+
+    # what is left running once the group is gone (tests/test_hf.py: no gloo thread may be)
+    threads = sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
+    (out / f"threads{rank}.json").write_text(json.dumps(threads))

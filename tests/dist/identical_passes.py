@@ -42,5 +42,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    gc.collect()  # the engine and model, now garbage; then leave the group (launcher.close_processes)
-    deepspeed.comm.destroy_process_group()
+    rose_ds.shutdown()  # the engine and model are garbage now
