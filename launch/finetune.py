@@ -35,12 +35,12 @@ import torch
 
 import rose_ds
 from rose_ds import zero
-from rose_ds.dropout import IdenticalPassesError, set_dropout
+from rose_ds.dropout import IdenticalPassesError
 from rose_ds.training import RecipeError, checkpoint, data, dsconfig, launcher
 from rose_ds.training import objective as objectives
 from rose_ds.training.args import parse_args
 from rose_ds.training.metrics import MetricLogger, plot_run, rewrite_metrics, scalar
-from rose_ds.training.model import check_model, load_tokenizer
+from rose_ds.training.model import check_model, load_model, load_tokenizer, merge_lora
 
 
 def fail(message: str) -> None:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Every check that needs no data or weights comes first: bad input costs seconds, not a model load,
     # and leaves --output_dir as it was (nothing is written before the loop starts).
     args = parse_args(argv, description=__doc__.split("\n\n")[0])
-    launcher.check_precision(args.fp16)
+    launcher.check_precision(args)  # (--bf16 decided here when not given)
     rose, method = args.rose_config(), args.method_config(args.seed)
     objective = objectives.get(args.objective)  # what differs between classification and causal LM
     objective.check(args, method)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     except checkpoint.CheckpointError as err:
         fail(f"--resume_from_checkpoint: {err}")
     model_path, model_config, tokenizer = load_tokenizer(args)
-    check_model(model_config, rose, method, model_path, objective.auto_class)  # before any weight is loaded
+    check_model(args, model_config, rose, method, model_path, objective)  # before any weight is loaded
 
     # ---------------------------------------------------------------- processes, data
     procs = launcher.init_processes()
@@ -117,12 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
              f"{args.gradient_accumulation_steps}; lower those or use more data")  # fmt: skip
 
     # ---------------------------------------------------------------- model, DeepSpeed, ROSE
-    model = objective.auto_class.from_pretrained(model_path, **objective.model_kwargs(task))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    try:
-        set_dropout(model, args.rose_dropout)
-    except ValueError as err:  # no dropout site at all
-        fail(f"--rose_dropout {args.rose_dropout}: {err}")
+    model = load_model(args, objective, model_path, tokenizer, task)  # dropout, kernels, checkpointing, LoRA
     signature = {**checkpoint.model_signature(model), "path": model_path}
     load_tag = "."
     if record is not None:
@@ -259,7 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = evaluate()
     if args.save_steps and state.last_saved != f"{checkpoint.PREFIX}{engine.global_steps}":  # not saved yet
         save()
-    checkpoint.export_model(engine, model, tokenizer, out)
+    checkpoint.export_model(engine, model, tokenizer, out)  # a LoRA model: its adapter
+    if args.merge_lora and procs.is_main:
+        merge_lora(out, out / "merged", objective.auto_class, model_path, tokenizer, objective.model_kwargs(task))
     train_losses = [r["loss"] for r in state.log_history if "loss" in r]
     evals = {f"eval_{k}": v for k, v in metrics.items()}
     results = {"train_runtime": runtime, "train_samples_per_second": examples / max(runtime, 1e-9),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from transformers import (
@@ -28,15 +29,17 @@ from transformers import (
 
 from rose_ds.dropout import IdenticalPassesError, set_dropout
 from rose_ds.hf import RoseTrainer, join_cpu_processes
+from rose_ds.training import classification
 from rose_ds.training import data as rose_data
-from rose_ds.training.args import ArgumentError, RoseArgs
+from rose_ds.training.args import ArgumentError, LoraArgs, RoseArgs
+from rose_ds.training.model import ModelError, apply_lora, merge_lora
 from rose_ds.zero import UnsupportedConfigError, shutdown
 
 
 @dataclass
-class ExampleArguments(RoseArgs):
-    """The model and the data, and ROSE's flags (:class:`RoseArgs`, as in ``launch/finetune.py``);
-    ``TrainingArguments`` holds the rest."""
+class ExampleArguments(RoseArgs, LoraArgs):
+    """The model and the data, ROSE's flags (:class:`RoseArgs`) and LoRA's (:class:`LoraArgs`), as in
+    ``launch/finetune.py``; ``TrainingArguments`` holds the rest."""
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "any AutoModelForSequenceClassification path or hub name; default: MiniLM-L6"}
@@ -50,6 +53,10 @@ class ExampleArguments(RoseArgs):
     max_seq_length: int = field(default=128, metadata={"help": "tokens per example (longer are truncated)"})
     max_train_samples: int | None = field(default=None, metadata={"help": "first N training examples (shuffled)"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "first N validation examples"})
+
+    def __post_init__(self) -> None:
+        LoraArgs.__post_init__(self)
+        RoseArgs.__post_init__(self)
 
 
 def accuracy(prediction) -> dict[str, float]:
@@ -91,11 +98,11 @@ def main(argv: list[str] | None = None, trainer_class: type[RoseTrainer] = RoseT
     evaluation = dict(zip(evaluation, evaluation_sets))
 
     def model_init():
-        # the Trainer seeds, then builds the model: the new classifier head follows --seed
+        # the Trainer seeds, then builds the model: the new classifier head (and LoRA's A) follow --seed
         model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=spec.num_labels)
         model.config.pad_token_id = tokenizer.pad_token_id
         set_dropout(model, example.rose_dropout)
-        return model
+        return apply_lora(model, example, classification.OBJECTIVE.peft_task_type)
 
     try:
         trainer = trainer_class(
@@ -103,13 +110,17 @@ def main(argv: list[str] | None = None, trainer_class: type[RoseTrainer] = RoseT
             data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer, compute_metrics=accuracy,
             rose=rose, method=method,
         )  # fmt: skip
-    except UnsupportedConfigError as err:  # one line, before any training
+    except (UnsupportedConfigError, ModelError) as err:  # one line, before any training
         sys.exit(f"hf_trainer.py: error: {err}")
     try:
         trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)  # a checkpoint-N folder
     except IdenticalPassesError as err:
         sys.exit(f"hf_trainer.py: error: {err}")
-    trainer.save_model()
+    trainer.save_model()  # a LoRA model: its adapter
+    if example.merge_lora and trainer.is_world_process_zero():
+        out = Path(training.output_dir)
+        merge_lora(out, out / "merged", AutoModelForSequenceClassification, model_path, tokenizer,
+                   {"num_labels": spec.num_labels})  # fmt: skip
     metrics = trainer.evaluate()
     trainer.save_metrics("eval", metrics)
     return trainer

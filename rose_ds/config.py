@@ -28,6 +28,9 @@ ELIGIBILITY_PRESETS: dict[str, str | None] = {
     "gpt2": r"(^|\.)h\.\d+\..*weight$",
     # Llama, Qwen, Mistral, Gemma style: model.layers.N.*.weight
     "llama": r"(^|\.)layers\.\d+\..*weight$",
+    # PEFT LoRA adapters of any architecture: every lora_A / lora_B (and DoRA's magnitude); an adapted
+    # module's tensors form one selection unit (rose_ds.selection.selection_units)
+    "lora": r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.",
 }
 ELIGIBILITY_ALIASES = {
     "roberta": "bert",
@@ -66,7 +69,10 @@ class RoseConfig:
         eligibility: Which parameters take part in selection: a preset name (``"original"``: the
             authors' rule, ``"layer"`` and ``"weight"`` both substrings of the name; ``"bert"``
             (also ``roberta``, ``deberta``, ``electra``), ``"gpt2"``, ``"llama"`` (also ``qwen``,
-            ``mistral``)). Ignored when ``eligibility_regex`` is set.
+            ``mistral``), ``"lora"`` (the adapter tensors of a PEFT LoRA model)). Ignored when
+            ``eligibility_regex`` is set. Whatever the rule, a LoRA adapter's tensors of one module
+            (``lora_A`` and ``lora_B``) share one score and one mask value (see
+            :func:`rose_ds.selection.selection_units`).
         eligibility_regex: A regular expression matched with ``re.search`` against each parameter
             name; overrides ``eligibility``.
         granularity: ``"tensor"`` (the paper: one score and one mask value per eligible tensor) or

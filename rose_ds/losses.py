@@ -16,6 +16,7 @@ divided by 4 (a token plays the part of a classification example, the vocabulary
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -243,8 +244,31 @@ def causal_lm_losses(
         inputs = {k: stack_batch(v, n, 2) for k, v in inputs.items()}
     with _hidden_states_out(module) as head:
         hidden = model(**inputs, use_cache=False).logits
-    return token_losses(hidden, head, labels, two_passes=two_passes, chunk_tokens=chunk_tokens,
+    return token_losses(hidden, _projection(head, hidden), labels, two_passes=two_passes, chunk_tokens=chunk_tokens,
                         noisy=noise is not None)  # fmt: skip
+
+
+def _projection(head: torch.nn.Module, hidden: Tensor) -> Callable[[Tensor], Tensor]:
+    """The output embedding as the chunks apply it: the module itself when a parameter of it trains. A
+    frozen one (a LoRA model's, partial fine-tuning) becomes a linear map of detached copies of its
+    weight and bias, taken while its own forward runs on no token: a partitioned head (ZeRO-3) is whole
+    only then, and no backward hook makes frozen weights whole again for the chunks' recomputation in
+    the backward, which then needs nothing of the module."""
+    if any(p.requires_grad for p in head.parameters()) or not isinstance(head, torch.nn.Linear):
+        return head
+    copies: dict[str, Tensor | None] = {}
+
+    def take(module: torch.nn.Linear, _args) -> None:
+        copies["weight"] = module.weight.detach().clone()
+        copies["bias"] = None if module.bias is None else module.bias.detach().clone()
+
+    handle = head.register_forward_pre_hook(take)  # after the hooks that make it whole
+    try:
+        with torch.no_grad():
+            head(hidden[:0])
+    finally:
+        handle.remove()
+    return functools.partial(F.linear, weight=copies["weight"], bias=copies["bias"])
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from rose_ds.selection import (
     masking_active,
     needs_robust_gradient,
     needs_second_order,
+    selection_units,
 )
 
 
@@ -315,6 +316,9 @@ class RoseAdamW(torch.optim.Optimizer):
             masks the gradient before scoring and stepping; D's mask is set once by
             :meth:`set_childtuning_d_fisher`). ``MethodConfig()`` (none) when omitted.
 
+    A LoRA adapter's tensors of one module are scored and masked together (one selection unit:
+    :func:`rose_ds.selection.selection_units`); :attr:`last_mask` still names each tensor.
+
     Parameters with ``requires_grad=False`` (frozen embeddings, a LoRA model's base weights) may be
     passed: they are never eligible, scored, stepped or given state. A trainable tensor without a
     gradient at a step (an unused branch) is left out of that step's band and update, as
@@ -381,6 +385,7 @@ class RoseAdamW(torch.optim.Optimizer):
                 if name in chosen and p.requires_grad:
                     self._eligible[p] = len(self._eligible_names)
                     self._eligible_names.append(name)
+        self._units = selection_units(self._eligible_names)  # a LoRA module's A and B: one unit
         self.last_mask: dict[str, float] = {}
         self.last_statistics: Tensor | None = None
         self.robust_capture = RobustCapture()
@@ -556,7 +561,8 @@ class RoseAdamW(torch.optim.Optimizer):
                 recorded[r, live] = stats[r, live]
             self.last_statistics = recorded
             c = mask_coefficients(cfg, t, len(live), stats[0, live] if robust else None,
-                                  stats[1, live] if second else None, stats[2, live] if second else None)  # fmt: skip
+                                  stats[1, live] if second else None, stats[2, live] if second else None,
+                                  units=[self._units[i] for i in live])  # fmt: skip
             coefficients = dict(zip(live, c.tolist()))
         self.last_mask = {self._eligible_names[i]: coefficients[i] for i in live}
         for unit in segments.units:

@@ -57,6 +57,27 @@ def eligible_names(names: Sequence[str], config: RoseConfig) -> list[str]:
     return chosen
 
 
+# A LoRA adapter's tensors within the module they adapt (PEFT names: ``<module>.lora_A.<adapter>.weight``).
+_ADAPTER_PART = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
+
+
+def selection_units(names: Sequence[str]) -> list[int]:
+    """The selection unit of each eligible tensor: tensors of one unit share one score, computed from
+    their summed squared norms (as if they were one tensor), and one mask value.
+
+    A LoRA adapter's tensors of one module (``lora_A`` and ``lora_B``, DoRA's magnitude) form one
+    unit; every other tensor is a unit of its own. Per tensor, adapters cannot train: ``lora_B``
+    starts at zero, so ``lora_A``'s gradient is exactly zero at first; ROSE-First then always keeps
+    ``lora_A`` (lowest score) and freezes ``lora_B``, and ROSE-Second freezes ``lora_A`` for good
+    (its momentum stays zero). The adapted module's update ``B @ A`` is what a unit scores.
+
+    Returns:
+        One unit index per name, numbered in order of first appearance.
+    """
+    keys: dict[str, int] = {}
+    return [keys.setdefault(_ADAPTER_PART.sub(".lora.", name), len(keys)) for name in names]
+
+
 def first_order_scores(robust_sq_norms: Tensor) -> Tensor:
     """First-order scores ``||dL_rob/dW||_2`` from the squared norms of the robust gradient."""
     return robust_sq_norms.to(torch.float64).clamp_min(0).sqrt()
@@ -104,6 +125,7 @@ def mask_coefficients(
     robust_sq_norms: Tensor | None = None,
     grad_sq_norms: Tensor | None = None,
     momentum_sq_norms: Tensor | None = None,
+    units: Sequence[int] | None = None,
 ) -> Tensor:
     """The update coefficient ``c`` of every eligible tensor for optimizer step ``step`` (1-based).
 
@@ -116,10 +138,24 @@ def mask_coefficients(
         grad_sq_norms: Squared norms of the task gradient as the optimizer sees it (unscaled,
             clipped); needed when :func:`needs_second_order` says so.
         momentum_sq_norms: Squared norms of Adam's first moment before this step; as ``grad_sq_norms``.
+        units: The selection unit of each tensor (:func:`selection_units`); tensors of one unit are
+            scored on their summed squared norms and share ``c``. None: each tensor its own.
 
     Returns:
         float64 tensor of ``c`` in [0, 1] (0 frozen, 1 fully updated), one per eligible tensor.
     """
+    if units is not None and len(set(units)) < num_tensors:
+        index = torch.unique(torch.as_tensor(list(units)), return_inverse=True)[1]
+        size = int(index.max()) + 1 if num_tensors else 0
+
+        def pooled(sq_norms: Tensor | None) -> Tensor | None:
+            if sq_norms is None:
+                return None
+            return torch.zeros(size, dtype=torch.float64).index_add_(0, index, sq_norms.to(torch.float64))
+
+        c = mask_coefficients(config, step, size, pooled(robust_sq_norms), pooled(grad_sq_norms),
+                              pooled(momentum_sq_norms))  # fmt: skip
+        return c[index]
     ones = torch.ones(num_tensors, dtype=torch.float64)
     if not masking_active(config, step) or num_tensors == 0:
         return ones

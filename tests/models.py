@@ -126,12 +126,26 @@ DECODERS = ("llama", "qwen2", "mistral", "gpt2")
 
 
 def case_model(case: dict):
-    """The model of a tests/test_zero.py case: ``case["model"]`` a decoder family, else (tiny/frozen) BERT."""
+    """The model of a tests/test_zero.py case: ``case["model"]`` a decoder family, else (tiny/frozen) BERT;
+    with gradient checkpointing (``case["grad_ckpt"]``) and LoRA adapters of rank 4 on every linear layer
+    (``case["lora"]``, through the recipe's LoraArgs and PEFT), as launch/finetune.py builds them."""
     family = case.get("model", "bert")
     if family in DECODERS:
-        return tiny_decoder(family, dropout=case.get("dropout", 0.0), seed=case.get("seed", 0))
-    build = frozen_bert if case.get("frozen") else tiny_bert
-    return build(dropout=case.get("dropout", 0.0), seed=case.get("seed", 0), hidden=case.get("hidden", 32))
+        model = tiny_decoder(family, dropout=case.get("dropout", 0.0), seed=case.get("seed", 0))
+    else:
+        build = frozen_bert if case.get("frozen") else tiny_bert
+        model = build(dropout=case.get("dropout", 0.0), seed=case.get("seed", 0), hidden=case.get("hidden", 32))
+    if case.get("grad_ckpt"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if case.get("lora"):
+        import peft
+
+        from rose_ds.training.args import LoraArgs
+
+        lora = LoraArgs(lora_r=4, lora_alpha=8.0, lora_dropout=case.get("dropout", 0.0))
+        model = peft.get_peft_model(model, lora.lora_config("CAUSAL_LM" if family in DECODERS else "SEQ_CLS"))
+        model.train()
+    return model
 
 
 def random_lm_batch(step: int, batch_size: int = 8, seq_len: int = 12, vocab: int = 50):

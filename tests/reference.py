@@ -73,6 +73,7 @@ class ReferenceRose:
         eligible=reference_eligible,
         granularity="tensor",
         scope="global",
+        unit_of=None,
     ):
         self.params = dict(model.named_parameters())
         self.groups = groups
@@ -85,11 +86,24 @@ class ReferenceRose:
         self.t = 0
         self.last_mask: dict[str, float] = {}
         self.granularity, self.scope = granularity, scope
+        # tensor granularity: tensors of one unit (a LoRA module's A and B) are scored as one tensor, the
+        # concatenation of their elements, and share the unit's mask value
+        self.unit_of = unit_of or (lambda name: name)
 
-    def _band(self, scores: dict[str, float]) -> dict[str, float]:
-        vec = torch.tensor([scores[n] for n in self.eligible], dtype=torch.float64)
+    def _unit_band(self, score) -> dict[str, float]:
+        """``score(norm of the unit's concatenated tensors ...)`` per unit; the band over the units; each
+        tensor gets its unit's mask value."""
+        units: dict[str, list[str]] = {}
+        for n in self.eligible:
+            units.setdefault(self.unit_of(n), []).append(n)
+        scores = {u: score(members) for u, members in units.items()}
+        vec = torch.tensor(list(scores.values()), dtype=torch.float64)
         lo, hi = torch.quantile(vec, torch.tensor([self.lower / 100, self.upper / 100], dtype=torch.float64))
-        return {n: 1.0 if (lo <= scores[n] <= hi and math.isfinite(scores[n])) else 0.0 for n in self.eligible}
+        kept = {u: 1.0 if (lo <= s <= hi and math.isfinite(s)) else 0.0 for u, s in scores.items()}
+        return {n: kept[self.unit_of(n)] for n in self.eligible}
+
+    def _norm(self, tensors: dict[str, torch.Tensor], members: list[str]) -> float:
+        return torch.cat([tensors[n].double().reshape(-1) for n in members]).norm().item()
 
     def _element_band(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Element granularity: the torch.quantile band of the float32 scores in scope, as 0/1 floats."""
@@ -132,15 +146,15 @@ class ReferenceRose:
         else:
             m1 = m2 = ones
             if self.mode in ("first", "ensemble"):
-                r1 = {n: robust_grads[n].double().norm().item() for n in self.eligible}
-                m1 = self._band(r1)
+                m1 = self._unit_band(lambda members: self._norm(robust_grads, members))
             if self.mode in ("second", "ensemble") and t > 1:
-                r2 = {}
-                for n in self.eligible:
-                    g = self.params[n].grad.double().norm().item()
-                    m = self.m[n].double().norm().item()
-                    r2[n] = math.inf if m == 0 else abs(self.coef * g / m - 1)
-                m2 = self._band(r2)
+                grads = {n: self.params[n].grad for n in self.eligible}
+
+                def r2(members):
+                    g, m = self._norm(grads, members), self._norm(self.m, members)
+                    return math.inf if m == 0 else abs(self.coef * g / m - 1)
+
+                m2 = self._unit_band(r2)
             if self.mode == "first":
                 c = m1
             elif self.mode == "second":

@@ -84,6 +84,30 @@ def _cases(f: dict[str, str], other_checkpoint: str) -> dict[str, tuple[list[str
         ),
         "rose-preset": (["--rose_preset", "sst2-huge-first"], "sst2-huge-first", {}, "absent"),
         "no-eligible-tensor": (["--rose_eligibility_regex", "no_such_param"], "selects no", {}, "absent"),
+        "lora-target-modules": (
+            ["--lora_r", "4", "--lora_target_modules", "no_such_module"],
+            "--lora_target_modules no_such_module: Target modules {'no_such_module'} not found",
+            {},
+            "absent",
+        ),
+        "merge-lora-without-lora": (
+            ["--merge_lora"],
+            "--merge_lora needs adapters to merge: pass --lora_r",
+            {},
+            "absent",
+        ),  # fmt: skip
+        "gradient-checkpointing-unsupported": (
+            ["--gradient_checkpointing", "--model_name_or_path", f["perceiver"]],
+            "--gradient_checkpointing: PerceiverForSequenceClassification does not support gradient checkpointing",
+            {},
+            "absent",
+        ),
+        "attention-kernel-missing": (
+            ["--attn_implementation", "flash_attention_2"],
+            "--attn_implementation flash_attention_2: FlashAttention2 has been toggled on, but it cannot be used",
+            {},
+            "absent",
+        ),
         "unknown-flag": (["--learning_rat", "1e-5"], "unrecognized arguments: --learning_rat", {}, "absent"),
         "bad-number": (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0", {}, "absent"),
         "bf16-and-fp16": (["--bf16", "--fp16"], "--bf16 and --fp16 are exclusive", {}, "absent"),

@@ -13,7 +13,7 @@ from rose_ds.training.args import ArgumentError, FinetuneArgs, RoseArgs, parse_a
 from rose_ds.training.checkpoint import CheckpointError, TrainState, set_peak_learning_rate
 from rose_ds.training.data import DataError
 from rose_ds.training.dsconfig import ConfigConflictError, read
-from rose_ds.training.launcher import LauncherError, launcher_environment
+from rose_ds.training.launcher import LauncherError, default_bf16, launcher_environment
 
 
 def test_every_library_error_is_a_recipe_error():
@@ -41,12 +41,38 @@ def test_rose_args_cover_every_config_field():
         (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: must be at least 1"),
         (["--bf16", "--fp16"], "--bf16 and --fp16 are exclusive"),
         (["--rose_preset", "sst2-huge-first"], "--rose_preset 'sst2-huge-first' is unknown"),
+        (["--bf16", "maybe"], "argument --bf16: 'maybe' is not true or false"),
+        (["--lora_r", "-2"], "--lora_r -2: must be 0 (no LoRA) or a positive rank"),
+        (["--lora_r", "8", "--lora_dropout", "1"], "--lora_dropout 1.0: must be in [0, 1)"),
+        (["--lora_r", "8", "--lora_target_modules", " , "], "--lora_target_modules is empty"),
+        (["--attn_implementation", "flash"], "--attn_implementation 'flash': use one of eager, sdpa"),
     ],
 )
 def test_bad_flags_raise_one_line_argument_errors(argv, start):
     with pytest.raises(ArgumentError) as err:
         parse_args(argv)
     assert str(err.value).startswith(start) and "\n" not in str(err.value)
+
+
+def test_bf16_and_lora_flags_parse_as_documented():
+    assert parse_args([]).bf16 is None  # decided by the program (default_bf16)
+    assert parse_args(["--bf16"]).bf16 is True and parse_args(["--bf16", "false"]).bf16 is False
+    args = parse_args(["--lora_r", "8", "--lora_target_modules", "q_proj, v_proj", "--merge_lora"])
+    assert args.rose_config().eligibility == "lora" and parse_args([]).rose_config().eligibility == "original"
+    assert parse_args(["--lora_r", "8", "--rose_eligibility", "llama"]).rose_config().eligibility == "llama"
+    config = args.lora_config("CAUSAL_LM")
+    assert (config.r, config.lora_alpha, config.target_modules) == (8, 16.0, {"q_proj", "v_proj"})
+    assert parse_args(["--lora_r", "4"]).lora_config("SEQ_CLS").target_modules == "all-linear"
+    assert parse_args([]).lora_config("CAUSAL_LM") is None
+
+
+@pytest.mark.parametrize(
+    "objective, device, supported, expected",
+    [("causal_lm", "cuda", True, True), ("causal_lm", "cuda", False, False), ("causal_lm", "cpu", True, False),
+     ("classification", "cuda", True, False), ("causal_lm", "xpu", True, True)],
+)  # fmt: skip
+def test_bf16_is_the_default_for_decoders_on_accelerators_with_it(objective, device, supported, expected):
+    assert default_bf16(objective, device, supported) is expected
 
 
 def test_preset_sets_learning_rate_mode_and_band():

@@ -144,6 +144,34 @@ for _f, _s, _mode, _m in DECODER_METHODS:
                                 rose=_rose, seed=5, method={"name": _m, "rdrop_alpha": 0.5, "r3f_eps": 0.05,
                                                             "seed": 3}))  # fmt: skip
 
+# LoRA (rank 4 on every linear layer, the adapters eligible, one selection unit per adapted module) on
+# tiny Llama and GPT-2, every mode at ZeRO 0-3, against the dense run of the same LoRA model; and
+# gradient checkpointing, against the same run without it (the ZeRO-3 recompute included)
+LORA_CASES = [(f, s, m) for f in ("llama", "gpt2") for s in range(4) for m in ("first", "second", "ensemble")]
+for _f, _s, _mode in LORA_CASES:
+    EXTRA_CASES[2].append(_case(f"lora-{_f}-s{_s}-{_mode}", stage=_s, model=_f, loss="causal", dropout=0.1, lora=True,
+                                rose={"mode": _mode, "upper": 40, "eligibility": "lora"}, seed=5))  # fmt: skip
+EXTRA_CASES[2].append(
+    _case(
+        "lora-llama-s2-ensemble-gas2",
+        stage=2,
+        gas=2,
+        model="llama",
+        loss="causal",
+        dropout=0.1,
+        lora=True,
+        rose={"mode": "ensemble", "upper": 40, "eligibility": "lora"},
+        seed=5,
+    )
+)
+GC_CASES = [(f, s) for f in ("llama", "gpt2") for s in range(4)]
+for _f, _s in GC_CASES:
+    _twin = next(c for c in EXTRA_CASES[2] if c["name"] == f"decoder-{_f}-s{_s}-ensemble-gas1")
+    EXTRA_CASES[2].append({**_twin, "name": f"gc-{_twin['name']}", "grad_ckpt": True})
+for _f in ("llama", "gpt2"):
+    _twin = next(c for c in EXTRA_CASES[2] if c["name"] == f"lora-{_f}-s3-ensemble")
+    EXTRA_CASES[2].append({**_twin, "name": f"gc-{_twin['name']}", "grad_ckpt": True})
+
 
 # Methods composed with ROSE (R-Drop, R3F, ChildTuning-F) with real dropout and noise: the dense run
 # replays each rank's random stream on that rank's rows (dense_run_per_rank).
@@ -583,3 +611,37 @@ def test_shutdown_leaves_no_gloo_thread(results, world):
     for rank in range(world):
         threads = json.loads((folder / f"threads{rank}.json").read_text())
         assert not [t for t in threads if "gloo" in t], threads
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in EXTRA_CASES[2] if c["name"].startswith("lora")])
+def test_lora_matches_dense_and_trains_the_adapters(results, name):
+    """A LoRA model at ZeRO 0-3, every mode: the dense run's masks on every rank at every step, its weights;
+    an adapted module's A and B always share their mask value; and the adapters train (per tensor they
+    would not: B starts at zero, so A's gradient is zero and ROSE keeps A, freezes B, at every step)."""
+    case = next(c for c in EXTRA_CASES[2] if c["name"] == name)
+    masks = assert_matches_dense(case, 2, results)
+    assert any(v < 1 for m in masks for v in m.values())
+    for m in masks:
+        assert all(v == m[n.replace("lora_A", "lora_B")] for n, v in m.items() if "lora_A" in n)
+    _, weights = results(2, name)
+    initial = {n: p.detach() for n, p in case_model(case).named_parameters() if p.requires_grad}
+    modules = [n for n in weights if "lora_B" in n]
+    trained = [
+        n
+        for n in modules
+        if weights[n].abs().max() > 0
+        and not torch.equal(weights[n.replace("lora_B", "lora_A")], initial[n.replace("lora_B", "lora_A")])
+    ]
+    assert len(trained) >= 0.5 * len(modules), f"{len(trained)} of {len(modules)} adapted modules trained"
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in EXTRA_CASES[2] if c["name"].startswith("gc-")])
+def test_gradient_checkpointing_changes_nothing(results, name):
+    """Gradient checkpointing (non-reentrant: the recomputed forward replays the dropout masks) at ZeRO 0-3,
+    LoRA at ZeRO-3 included: every rank's masks and the weights are those of the same run without it."""
+    ranks, weights = results(2, name)
+    twin_ranks, twin_weights = results(2, name.removeprefix("gc-"))
+    assert [r["masks"] for r in ranks] == [r["masks"] for r in twin_ranks]
+    assert [r["losses"] for r in ranks] == [r["losses"] for r in twin_ranks]
+    assert weights.keys() == twin_weights.keys()
+    assert all(torch.equal(weights[n], twin_weights[n]) for n in weights)

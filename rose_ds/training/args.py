@@ -120,10 +120,30 @@ class TrainArgs:
         },
     )
     seed: int = field(default=42, metadata={"help": "seed of data order, initialisation and dropout"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (fills bf16.enabled)"})
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 mixed precision (fills bf16.enabled); --bf16 or --bf16 true/false. Default: on for "
+            "--objective causal_lm on a GPU with bf16, off otherwise (on CPUs bf16 is slower than fp32)"
+        },
+    )
     fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision with loss scaling (fills fp16.enabled)"})
     report_to: str = field(
         default="none", metadata={"help": "'tensorboard' also writes TensorBoard logs to --output_dir/runs"}
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "recompute each transformer block's activations in the backward instead of keeping them "
+            "(less memory, one more forward of each block per backward)"
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "attention kernel: eager, sdpa, or flash_attention_2 (where flash-attn is installed); default: "
+            "the model's (sdpa where it has it)"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -148,6 +168,66 @@ class TrainArgs:
             raise ArgumentError(f"--report_to {self.report_to!r}: use 'none' or 'tensorboard'")
         if self.max_nonfinite_steps < 1:
             raise ArgumentError(f"--max_nonfinite_steps {self.max_nonfinite_steps}: must be at least 1")
+        if self.attn_implementation not in (None, *ATTENTION_KERNELS):
+            raise ArgumentError(
+                f"--attn_implementation {self.attn_implementation!r}: use one of {', '.join(ATTENTION_KERNELS)}"
+            )
+
+
+# Attention kernels of --attn_implementation (Transformers' names).
+ATTENTION_KERNELS = ("eager", "sdpa", "flash_attention_2")
+
+
+@dataclass
+class LoraArgs:
+    """LoRA's flags: with ``--lora_r`` > 0 the model is wrapped in a PEFT LoRA model and only the
+    adapters (and a new classification head) train; ROSE then selects among the adapters."""
+
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0: full fine-tuning (no adapters)"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator: the update is (alpha/r) B A"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the adapters' input"})
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={
+            "help": "comma-separated names of the modules to adapt (q_proj,v_proj), or all-linear (every linear "
+            "layer but the output head)"
+        },
+    )
+    merge_lora: bool = field(
+        default=False,
+        metadata={
+            "help": "also export the model with the adapters merged into its weights (--output_dir/merged), "
+            "loadable with from_pretrained without peft"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.lora_r < 0:
+            raise ArgumentError(f"--lora_r {self.lora_r}: must be 0 (no LoRA) or a positive rank")
+        if self.merge_lora and not self.lora_r:
+            raise ArgumentError("--merge_lora needs adapters to merge: pass --lora_r (8, 16, ...)")
+        if not self.lora_alpha > 0 or not math.isfinite(self.lora_alpha):
+            raise ArgumentError(f"--lora_alpha {self.lora_alpha}: must be a positive number")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ArgumentError(f"--lora_dropout {self.lora_dropout}: must be in [0, 1)")
+        if not self.target_modules:
+            raise ArgumentError("--lora_target_modules is empty: name the modules (q_proj,v_proj) or all-linear")
+
+    @property
+    def target_modules(self) -> list[str] | str:
+        """``--lora_target_modules`` as PEFT takes it."""
+        names = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+        return "all-linear" if names == ["all-linear"] else names
+
+    def lora_config(self, task_type: str):
+        """The ``peft.LoraConfig`` of these flags for a ``task_type`` (``SEQ_CLS``, ``CAUSAL_LM``), or None
+        without ``--lora_r``."""
+        if not self.lora_r:
+            return None
+        import peft
+
+        return peft.LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                               target_modules=self.target_modules, task_type=task_type)  # fmt: skip
 
 
 @dataclass
@@ -168,8 +248,12 @@ class RoseArgs:
             "(the authors' 0.1; Llama-style configs ship 0, which would make the passes identical)"
         },
     )
-    rose_eligibility: str = field(
-        default="original", metadata={"help": "preset: original, bert, gpt2, llama (and aliases)"}
+    rose_eligibility: str | None = field(
+        default=None,
+        metadata={
+            "help": "preset: original, bert, gpt2, llama, lora (and aliases); default: lora with --lora_r, "
+            "else original"
+        },
     )
     rose_eligibility_regex: str | None = field(
         default=None, metadata={"help": "regex on parameter names; overrides --rose_eligibility"}
@@ -213,10 +297,13 @@ class RoseArgs:
         Raises:
             ArgumentError: a value RoseConfig refuses, named by its flag.
         """
+        values = {f.name[len("rose_"):]: getattr(self, f.name) for f in fields(RoseArgs)
+                  if f.name.startswith("rose_") and f.name != "rose_dropout"}  # fmt: skip
+        if values["eligibility"] is None:  # a LoRA model (LoraArgs beside these flags): the adapters
+            values["eligibility"] = "lora" if getattr(self, "lora_r", 0) else "original"
         try:
             # --rose_dropout acts on the model, not on the optimizer's selection
-            return RoseConfig(**{f.name[len("rose_"):]: getattr(self, f.name) for f in fields(RoseArgs)
-                                 if f.name.startswith("rose_") and f.name != "rose_dropout"})  # fmt: skip
+            return RoseConfig(**values)
         except RoseConfigError as err:
             raise ArgumentError(str(err).replace("RoseConfig.", "--rose_")) from None
 
@@ -237,8 +324,9 @@ class RoseArgs:
 
 
 @dataclass
-class FinetuneArgs(RoseArgs, TrainArgs):
-    """Every flag of ``launch/finetune.py``: :class:`TrainArgs`, :class:`RoseArgs` and ``--rose_preset``."""
+class FinetuneArgs(RoseArgs, LoraArgs, TrainArgs):
+    """Every flag of ``launch/finetune.py``: :class:`TrainArgs`, :class:`LoraArgs`, :class:`RoseArgs` and
+    ``--rose_preset``."""
 
     rose_preset: str | None = field(
         default=None,
@@ -254,7 +342,16 @@ class FinetuneArgs(RoseArgs, TrainArgs):
             except ValueError as err:
                 raise ArgumentError(str(err)) from None
         TrainArgs.__post_init__(self)
+        LoraArgs.__post_init__(self)
         RoseArgs.__post_init__(self)
+
+
+def _boolean(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not true or false")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -273,6 +370,9 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     for f in dataclasses.fields(FinetuneArgs):
         if f.type == "bool":
             parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+        elif f.type == "bool | None":  # --bf16, --bf16 true, --bf16 false; absent: decided by the program
+            parser.add_argument(f"--{f.name}", nargs="?", const=True, default=None, type=_boolean,
+                                help=f.metadata["help"])  # fmt: skip
         else:  # "int", "float | None", ...: the first word names the type
             caster = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
             parser.add_argument(f"--{f.name}", type=caster, default=f.default, help=f.metadata["help"])
@@ -280,4 +380,4 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     return FinetuneArgs(**vars(parser.parse_args(argv)))
 
 
-__all__ = ["ArgumentError", "FinetuneArgs", "RoseArgs", "TrainArgs", "parse_args"]
+__all__ = ["ATTENTION_KERNELS", "ArgumentError", "FinetuneArgs", "LoraArgs", "RoseArgs", "TrainArgs", "parse_args"]

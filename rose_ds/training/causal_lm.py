@@ -247,6 +247,7 @@ class CausalLM:
 
     name = "causal_lm"
     auto_class = AutoModelForCausalLM
+    peft_task_type = "CAUSAL_LM"
 
     def check(self, args: Any, method: methods.MethodConfig) -> None:
         if args.model_name_or_path is None:

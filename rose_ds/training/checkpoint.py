@@ -320,16 +320,20 @@ def clear_run(out: Path) -> None:
 
 def export_model(engine, model, tokenizer, out: Path) -> None:
     """Writes the consolidated fp32 weights as a Hugging Face model (safetensors) and the tokenizer to
-    ``out``; every rank calls it (ZeRO-3 gathers), rank 0 writes."""
+    ``out``; every rank calls it (ZeRO-3 gathers), rank 0 writes. A PEFT (LoRA) model writes its adapter
+    (``adapter_config.json``, ``adapter_model.safetensors``): only its trainable tensors are gathered."""
     state = {}
     stage = engine.zero_optimization_stage()
+    adapter = hasattr(model, "peft_config")
     for name, p in engine.module.named_parameters():
+        if adapter and not p.requires_grad:
+            continue  # the frozen base: in the pre-trained model already
         if stage == 0 or not p.requires_grad:
             with deepspeed.zero.GatheredParameters([p], enabled=stage == 3):
                 state[name] = p.detach().float().cpu().clone()
         else:
             state[name] = deepspeed.utils.safe_get_full_fp32_param(p).detach().float().cpu()
-    for name, b in engine.module.named_buffers():
+    for name, b in () if adapter else engine.module.named_buffers():
         state[name] = b.detach().cpu().clone()
     if dist.get_rank() == 0:
         model.save_pretrained(str(out), state_dict=state, safe_serialization=True)

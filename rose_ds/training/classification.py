@@ -18,6 +18,7 @@ class Classification:
 
     name = "classification"
     auto_class = AutoModelForSequenceClassification
+    peft_task_type = "SEQ_CLS"  # LoRA: the new head trains in full beside the adapters
 
     def check(self, args: Any, method: methods.MethodConfig) -> None:
         """Every method runs on a classifier."""

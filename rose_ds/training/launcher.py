@@ -54,16 +54,32 @@ class Processes:
         return self.rank == 0
 
 
-def check_precision(fp16: bool) -> None:
-    """Refuses ``--fp16`` on an accelerator without fp16 (before any process group is started).
+def check_precision(args) -> None:
+    """Refuses ``--fp16`` on an accelerator without fp16 (before any process group is started), and
+    decides ``--bf16`` when it was not given: on for causal LMs on an accelerator other than the CPU
+    that has bf16 (what decoder fine-tuning on GPUs uses), off otherwise.
+
+    Args:
+        args: The recipe's arguments (``fp16``, ``bf16``, ``objective``); ``bf16`` is set.
 
     Raises:
         LauncherError: naming the accelerator and what to pass instead.
     """
-    if fp16 and not get_accelerator().is_fp16_supported():
+    accelerator = get_accelerator()
+    if args.fp16 and not accelerator.is_fp16_supported():
         raise LauncherError(
-            f"--fp16: the {get_accelerator().device_name()} accelerator has no fp16 support; use --bf16 or no flag"
+            f"--fp16: the {accelerator.device_name()} accelerator has no fp16 support; use --bf16 or no flag"
         )
+    if args.bf16 is None:
+        args.bf16 = not args.fp16 and default_bf16(args.objective, accelerator.device_name(),
+                                                   bool(accelerator.is_bf16_supported()))  # fmt: skip
+
+
+def default_bf16(objective: str, device: str, bf16_supported: bool) -> bool:
+    """Whether ``--bf16`` is on when not given: for causal LMs (decoders) on an accelerator other than the
+    CPU that has bf16, the precision decoder fine-tuning uses on GPUs; never on a CPU, where bf16 is
+    slower than fp32, nor for classification, whose published runs are fp32/fp16."""
+    return objective == "causal_lm" and device != "cpu" and bf16_supported
 
 
 def init_processes() -> Processes:
@@ -159,4 +175,4 @@ def _job_port() -> str:
     return str(20000 + int(job) % 20000) if job else "29500"
 
 
-__all__ = ["LauncherError", "Processes", "all_ranks_finite", "check_precision", "init_processes"]
+__all__ = ["LauncherError", "Processes", "all_ranks_finite", "check_precision", "default_bf16", "init_processes"]

@@ -1,12 +1,17 @@
-"""The model a recipe fine-tunes, judged before its weights are loaded."""
+"""The model a recipe fine-tunes: judged on a weightless skeleton before its weights are loaded, then
+loaded with the memory features asked for (attention kernel, gradient checkpointing, LoRA adapters)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from rose_ds import methods, selection
 from rose_ds.config import RoseConfig
+from rose_ds.dropout import set_dropout
 from rose_ds.training import RecipeError
 from rose_ds.training.data import embedded_model_path, sequence_limit
 
@@ -46,30 +51,95 @@ def load_tokenizer(args):
     return model_path, model_config, tokenizer
 
 
-def check_model(model_config, rose: RoseConfig, method: methods.MethodConfig, model_path: str, auto_class) -> None:
-    """The eligibility rule and the method judged on the parameter names of a weightless skeleton.
+def check_model(args, model_config, rose: RoseConfig, method: methods.MethodConfig, model_path: str,
+                objective) -> None:  # fmt: skip
+    """Everything about the model judged on a weightless skeleton (its parameters on the meta device):
+    the attention kernel, gradient checkpointing, the LoRA target modules, the eligibility rule (over
+    the tensors that will train) and the method.
 
     Args:
+        args: The recipe's arguments (``attn_implementation``, ``gradient_checkpointing``, the LoRA flags).
         model_config: The model's config.
         rose: The ROSE configuration (its eligibility rule).
         method: The composed method.
         model_path: The model's path or name (for the messages).
-        auto_class: The objective's ``transformers`` Auto class.
+        objective: The objective (its ``auto_class`` and ``peft_task_type``).
 
     Raises:
-        ModelError: no eligible tensor, a method the architecture cannot run, or no class of
-            ``auto_class`` for the architecture.
+        ModelError: naming the flag and the fix.
     """
     try:
         with torch.device("meta"):
-            skeleton = auto_class.from_config(model_config)
-        selection.eligible_names([n for n, _ in skeleton.named_parameters()], rose)
+            skeleton = objective.auto_class.from_config(model_config, **_attention(args))
+    except (ImportError, ValueError, KeyError) as err:
+        flag = f"--attn_implementation {args.attn_implementation}" if args.attn_implementation else \
+            f"--model_name_or_path {model_path!r}"  # fmt: skip
+        raise ModelError(f"{flag}: {str(err).splitlines()[0][:200]}") from None
+    if args.gradient_checkpointing and not skeleton.supports_gradient_checkpointing:
+        raise ModelError(f"--gradient_checkpointing: {type(skeleton).__name__} does not support gradient "
+                         "checkpointing; drop the flag")  # fmt: skip
+    skeleton = apply_lora(skeleton, args, objective.peft_task_type)
+    try:
+        selection.eligible_names([n for n, p in skeleton.named_parameters() if p.requires_grad], rose)
     except selection.NoEligibleTensorError as err:
         raise ModelError(str(err)) from None
-    except (ValueError, KeyError) as err:  # no class of auto_class for this architecture
-        raise ModelError(f"--model_name_or_path {model_path!r}: {str(err).splitlines()[0][:200]}") from None
     if why := methods.unsupported(method, skeleton):
         raise ModelError(why)
 
 
-__all__ = ["ModelError", "check_model", "load_tokenizer"]
+def load_model(args, objective, model_path: str, tokenizer, task) -> torch.nn.Module:
+    """The pre-trained model with ROSE's dropout (``--rose_dropout``, on the base model: LoRA's own
+    dropout stays ``--lora_dropout``), the attention kernel, gradient checkpointing and LoRA adapters."""
+    model = objective.auto_class.from_pretrained(model_path, **objective.model_kwargs(task), **_attention(args))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    try:
+        set_dropout(model, args.rose_dropout)
+    except ValueError as err:  # no dropout site at all
+        raise ModelError(f"--rose_dropout {args.rose_dropout}: {err}") from None
+    if args.gradient_checkpointing:
+        # non-reentrant: the recomputation replays the forward's dropout masks (ROSE's two passes differ
+        # by them) and needs no input that requires grad (a LoRA model's embeddings are frozen)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return apply_lora(model, args, objective.peft_task_type)
+
+
+def merge_lora(adapter_dir: Path, dest: Path, auto_class, model_path: str, tokenizer,
+               model_kwargs: dict[str, Any]) -> None:  # fmt: skip
+    """Writes to ``dest`` the pre-trained model (``auto_class.from_pretrained(model_path, **model_kwargs)``)
+    with the LoRA adapter saved in ``adapter_dir`` merged into its weights: a plain Hugging Face model
+    that ``from_pretrained`` loads without peft. One process."""
+    import peft
+
+    base = auto_class.from_pretrained(model_path, **model_kwargs)
+    base.config.pad_token_id = tokenizer.pad_token_id
+    merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(dest), safe_serialization=True)
+    tokenizer.save_pretrained(str(dest))
+
+
+def _attention(args) -> dict[str, Any]:
+    kernel = getattr(args, "attn_implementation", None)
+    return {"attn_implementation": kernel} if kernel else {}
+
+
+def apply_lora(model: torch.nn.Module, args, task_type: str) -> torch.nn.Module:
+    """``model`` wrapped in PEFT LoRA adapters as ``args`` (:class:`~rose_ds.training.args.LoraArgs`) ask,
+    for PEFT's ``task_type``; ``model`` itself without ``--lora_r``.
+
+    Raises:
+        ModelError: target modules that match nothing, or of a kind LoRA cannot adapt.
+    """
+    config = args.lora_config(task_type)
+    if config is None:
+        return model
+    import peft
+
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as err:  # target modules that match nothing, or of a kind LoRA cannot adapt
+        raise ModelError(f"--lora_target_modules {args.lora_target_modules}: {str(err).splitlines()[0][:300]}") \
+            from None  # fmt: skip
+
+
+__all__ = ["ModelError", "apply_lora", "check_model", "load_model", "load_tokenizer", "merge_lora"]

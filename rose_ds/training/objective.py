@@ -21,6 +21,8 @@ class Objective(Protocol):
     name: str
     #: The ``transformers`` Auto class that loads the model (and builds the weightless skeleton).
     auto_class: Any
+    #: PEFT's task type of the LoRA model (``--lora_r``).
+    peft_task_type: str
 
     def check(self, args: Any, method: MethodConfig) -> None:
         """Refuses flags the objective cannot honour (a :class:`RecipeError`), before anything loads."""
