@@ -102,8 +102,12 @@ def test_rose_adamw_on_a_lora_model_matches_the_reference(mode):
     assert ((got - want).norm() / want.norm()).item() <= 1e-6
     named = dict(model.named_parameters())
     b_names = [n for n in initial if "lora_B" in n]
-    trained = [n for n in b_names if named[n].abs().max() > 0
-               and not torch.equal(named[n.replace("lora_B", "lora_A")], initial[n.replace("lora_B", "lora_A")])]
+    trained = [
+        n
+        for n in b_names
+        if named[n].abs().max() > 0
+        and not torch.equal(named[n.replace("lora_B", "lora_A")], initial[n.replace("lora_B", "lora_A")])
+    ]
     assert len(trained) >= 0.5 * len(b_names), f"{len(trained)} of {len(b_names)} adapted modules trained"
 
 
@@ -198,11 +202,38 @@ def test_a_lora_run_resumes_bit_for_bit(causal, tmp_path):
 def test_rose_trainer_trains_a_lora_classifier_exactly_as_finetune(tmp_path):
     """The embedded MiniLM with LoRA (and its new head trained in full) through RoseTrainer and through
     finetune.py, ZeRO-2 on 2 processes, the same batches: the same masks at every step, the same adapter."""
-    common = ["--deepspeed", "ds_configs/zero2.json", "--max_steps", "4", "--max_train_samples", "64",
-              "--max_eval_samples", "16", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
-              "--seed", "7", "--rose_upper", "40", "--adv_file", "none", "--logging_steps", "1", "--lora_r", "4",
-              "--lora_target_modules", "query,value", "--adam_beta2", "0.98", "--adam_epsilon", "1e-6",
-              "--weight_decay", "0.01"]  # fmt: skip (the Trainer's defaults differ)
+    common = [
+        "--deepspeed",
+        "ds_configs/zero2.json",
+        "--max_steps",
+        "4",
+        "--max_train_samples",
+        "64",
+        "--max_eval_samples",
+        "16",
+        "--per_device_train_batch_size",
+        "8",
+        "--learning_rate",
+        "1e-3",
+        "--seed",
+        "7",
+        "--rose_upper",
+        "40",
+        "--adv_file",
+        "none",
+        "--logging_steps",
+        "1",
+        "--lora_r",
+        "4",
+        "--lora_target_modules",
+        "query,value",
+        "--adam_beta2",
+        "0.98",
+        "--adam_epsilon",
+        "1e-6",
+        "--weight_decay",
+        "0.01",
+    ]  # fmt: skip (the Trainer's defaults differ)
     _finetune(common, tmp_path / "finetune")
     _finetune([*common, "--report_to", "none", "--disable_tqdm", "true", "--dataloader_pin_memory", "false"],
               tmp_path / "trainer", script="tests/dist/hf_same_order.py")  # fmt: skip
