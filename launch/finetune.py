@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
              f"{args.gradient_accumulation_steps}; lower those or use more data")  # fmt: skip
 
     # ---------------------------------------------------------------- model, DeepSpeed, ROSE
-    model = load_model(args, objective, model_path, tokenizer, task)  # dropout, kernels, checkpointing, LoRA
+    model = load_model(args, objective, model_path, tokenizer, task, ds_config)  # ZeRO-3: built partitioned
     signature = {**checkpoint.model_signature(model), "path": model_path}
     load_tag = "."
     if record is not None:

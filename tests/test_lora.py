@@ -244,3 +244,58 @@ def test_rose_trainer_trains_a_lora_classifier_exactly_as_finetune(tmp_path):
     a = load_file(tmp_path / "finetune" / "adapter_model.safetensors")
     b = load_file(tmp_path / "trainer" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+EXPORT_SCRIPT = """
+import json, sys
+from pathlib import Path
+import torch
+import deepspeed
+import rose_ds, rose_ds.zero
+from rose_ds.training.checkpoint import export_model
+from transformers import AutoTokenizer
+sys.path.insert(0, sys.argv[3])
+from models import tiny_decoder
+rose_ds.zero.skip_shm_comm_build()
+model = tiny_decoder("llama", dropout=0.0)
+config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": int(sys.argv[2]),
+          "stage3_param_persistence_threshold": 0}}
+engine, *_ = rose_ds.initialize(model, config, rose=rose_ds.RoseConfig(mode="none"), lr=1e-3)
+out = Path(sys.argv[1])
+out.mkdir()
+export_model(engine, model, AutoTokenizer.from_pretrained(sys.argv[4]), out, shard_bytes=2500)
+full = {n: deepspeed.utils.safe_get_full_fp32_param(p).float() if int(sys.argv[2]) else p.detach().float()
+        for n, p in engine.module.named_parameters()}
+torch.save(full, out.parent / "expected.pt")
+del engine, model
+rose_ds.shutdown()
+"""
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_a_large_model_is_exported_one_shard_at_a_time(tmp_path, stage):
+    """The whole-model export gathers and writes one safetensors shard at a time (here 2.5 kB shards of a
+    tiny Llama, at ZeRO-0 and ZeRO-3 where every tensor is partitioned): the files and index of the Hugging
+    Face sharded layout, which from_pretrained loads to exactly the engine's fp32 weights."""
+    from transformers import AutoModelForCausalLM
+
+    from rose_ds.training.data import embedded_model_path
+
+    script = tmp_path / "export.py"
+    script.write_text(EXPORT_SCRIPT)
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", DS_ACCELERATOR="cpu",
+               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(s.getsockname()[1])
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), str(stage), str(ROOT / "tests"),
+                           embedded_model_path()], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) > 3 and sorted(set(index["weight_map"].values())) == [s.name for s in shards]
+    assert not (out / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    expected = torch.load(tmp_path / "expected.pt")
+    assert all(torch.equal(loaded[n], t) for n, t in expected.items())

@@ -39,10 +39,16 @@ def _case(name, **kw):
     return case
 
 
+# World-size scaling: 4 and 8 ranks (8 processes on 2 cores: for correctness, not speed) run ROSE-Ensemble at
+# every stage and the selection-traffic cases, beside the whole grid on 1-3 ranks.
+SCALING_WORLDS = (4, 8)
+
+
 def parity_cases(world):
+    modes, gases = (["ensemble"], (1,)) if world in SCALING_WORLDS else (MODES, (1, 2))
     return [
         _case(f"w{world}-s{stage}-{mode}-gas{gas}", stage=stage, gas=gas, rose=ROSE[mode])
-        for stage, mode, gas in itertools.product(range(4), MODES, (1, 2))
+        for stage, mode, gas in itertools.product(range(4), modes, gases)
     ]
 
 
@@ -115,6 +121,7 @@ EXTRA_CASES.setdefault(3, []).append(_case("element-w3-s3-ensemble-global", stag
 # the forward passes (same random state) is checked against the dense RoseAdamW.
 EXTRA_CASES[1] = [_case(f"dropout-w1-s{s}", stage=s, loss="rose", dropout=0.1) for s in (0, 2, 3)]
 TRAFFIC = [(w, s, m, h) for w in (1, 2, 3) for s in (2, 3) for m in ("none", "second", "first") for h in (32, 64)]
+TRAFFIC += [(w, 3, m, h) for w in SCALING_WORLDS for m in ("none", "second", "first") for h in (32, 64)]
 TRAFFIC += [(w, s, "element", h) for w in (2, 3) for s in (2, 3) for h in (32, 64)]
 ROSE["element"] = {"mode": "ensemble", "upper": 70, "granularity": "element"}
 for w, s, m, h in TRAFFIC:
@@ -311,7 +318,7 @@ def results(tmp_path_factory):
         weights = case_dir / "weights.pt"
         return ranks, torch.load(weights) if weights.exists() else None
 
-    get.folder = lambda world: launch(world, root)
+    get.folder = lambda world: launch(world, root, False)  # (the key get() uses: one launch per world)
     return get
 
 
@@ -417,6 +424,15 @@ def test_parity_with_dense(results, world, stage, mode, gas):
     masks = assert_matches_dense(case, world, results)
     values = {v for m in masks for v in m.values()}
     assert values == {1.0} if mode == "none" else values != {1.0}
+
+
+@pytest.mark.parametrize("world", SCALING_WORLDS)
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_four_and_eight_ranks_select_identically_and_match_dense(results, world, stage):
+    """ROSE-Ensemble on 4 and 8 ranks at ZeRO 0-3: every rank's mask at every step is rank 0's, and both
+    masks and consolidated weights equal the dense single-process run on the same global batches."""
+    masks = assert_matches_dense(parity_cases(world)[stage], world, results)
+    assert {v for m in masks for v in m.values()} != {1.0}
 
 
 @pytest.mark.parametrize(
@@ -544,8 +560,7 @@ def test_element_selection_traffic_does_not_grow_with_the_model(results, world, 
         assert [e - n for e, n in zip(element, none, strict=True)] == expected, (hidden, p, numel)
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("world, stage", [(w, s) for w in (1, 2, 3) for s in (2, 3)] + [(w, 3) for w in SCALING_WORLDS])
 def test_selection_traffic_is_three_floats_per_eligible_tensor(results, world, stage):
     sizes = []
     for hidden in (32, 64):
@@ -602,7 +617,7 @@ def test_world_size_change_keeps_moments_steps_and_selection(results, stage, sav
     assert ((a - b).norm() / b.norm()).item() <= 1e-5
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("world", [1, 2, 3, *SCALING_WORLDS])
 def test_shutdown_leaves_no_gloo_thread(results, world):
     """After dozens of engines (ZeRO-3 ones among them) and rose_ds.shutdown(), nothing of the process group
     runs any more: a gloo thread alive at interpreter exit aborts a rank now and then (DeepSpeed keeps

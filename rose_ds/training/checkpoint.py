@@ -30,6 +30,7 @@ from checkpoints you wrote or trust. The files rose_ds adds load without it (JSO
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -318,27 +319,78 @@ def clear_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def export_model(engine, model, tokenizer, out: Path) -> None:
-    """Writes the consolidated fp32 weights as a Hugging Face model (safetensors) and the tokenizer to
-    ``out``; every rank calls it (ZeRO-3 gathers), rank 0 writes. A PEFT (LoRA) model writes its adapter
-    (``adapter_config.json``, ``adapter_model.safetensors``): only its trainable tensors are gathered."""
-    state = {}
-    stage = engine.zero_optimization_stage()
-    adapter = hasattr(model, "peft_config")
-    for name, p in engine.module.named_parameters():
-        if adapter and not p.requires_grad:
-            continue  # the frozen base: in the pre-trained model already
-        if stage == 0 or not p.requires_grad:
-            with deepspeed.zero.GatheredParameters([p], enabled=stage == 3):
-                state[name] = p.detach().float().cpu().clone()
-        else:
-            state[name] = deepspeed.utils.safe_get_full_fp32_param(p).detach().float().cpu()
-    for name, b in () if adapter else engine.module.named_buffers():
-        state[name] = b.detach().cpu().clone()
+# Largest safetensors file of an exported model (Hugging Face's sharding convention above it).
+EXPORT_SHARD_BYTES = 2 * 2**30
+
+
+def export_model(engine, model, tokenizer, out: Path, shard_bytes: int = EXPORT_SHARD_BYTES) -> None:
+    """Writes the consolidated fp32 weights as a Hugging Face model and the tokenizer to ``out``; every
+    rank calls it (ZeRO-3 gathers), rank 0 writes. A PEFT (LoRA) model writes its adapter
+    (``adapter_config.json``, ``adapter_model.safetensors``): only its trainable tensors are gathered.
+
+    A whole model is gathered and written one safetensors shard at a time (``model.safetensors``, or
+    ``model-0000k-of-0000n.safetensors`` and ``model.safetensors.index.json`` above ``shard_bytes``),
+    so rank 0 holds one shard beside its partition, never the whole model: what a model of billions of
+    parameters needs. ``from_pretrained`` loads either layout.
+    """
+    if hasattr(model, "peft_config"):
+        state = {name: _gathered_fp32(engine, p) for name, p in engine.module.named_parameters() if p.requires_grad}
+        if dist.get_rank() == 0:
+            model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(str(out))
+        dist.barrier()
+        return
+    from safetensors.torch import save_file
+
+    tensors = [*engine.module.named_parameters(), *engine.module.named_buffers()]
+    persistent = set(model.state_dict().keys())  # (non-persistent buffers are not saved)
+    tensors = [(name, t) for name, t in tensors if name in persistent]
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, t in tensors:
+        numel = int(torch.Size(getattr(t, "ds_shape", t.shape)).numel())
+        nbytes = numel * (4 if t.is_floating_point() else t.element_size())
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += nbytes
+    files = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]  # fmt: skip
+    weight_map, total = {}, 0
+    for file, shard in zip(files, shards):
+        state = {}
+        for name, t in shard:
+            if isinstance(t, torch.nn.Parameter):
+                state[name] = _gathered_fp32(engine, t)
+            else:  # a buffer: whole on every rank
+                state[name] = t.detach().cpu().clone()
+        if dist.get_rank() == 0:
+            save_file(state, str(out / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(state, file))
+            total += sum(t.numel() * t.element_size() for t in state.values())
+        del state
     if dist.get_rank() == 0:
-        model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+        if len(files) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__]
+        config.dtype = "float32"
+        config.save_pretrained(str(out))
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
     dist.barrier()
+
+
+def _gathered_fp32(engine, p: torch.nn.Parameter) -> torch.Tensor:
+    """The whole fp32 value of a parameter on every rank: its fp32 master copy where the optimizer has
+    one (ZeRO 1-3), the module's tensor otherwise (stage 0, frozen tensors; ZeRO-3 gathers it)."""
+    if engine.zero_optimization_stage() == 0 or not p.requires_grad:
+        with deepspeed.zero.GatheredParameters([p], enabled=engine.zero_optimization_stage() == 3):
+            return p.detach().float().cpu().clone()
+    return deepspeed.utils.safe_get_full_fp32_param(p).detach().float().cpu()
 
 
 def load_rng(path: Path, rank: int) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoTokenizer
+from transformers.integrations import HfDeepSpeedConfig
 
 from rose_ds import methods, selection
 from rose_ds.config import RoseConfig
@@ -87,9 +88,19 @@ def check_model(args, model_config, rose: RoseConfig, method: methods.MethodConf
         raise ModelError(why)
 
 
-def load_model(args, objective, model_path: str, tokenizer, task) -> torch.nn.Module:
+def load_model(args, objective, model_path: str, tokenizer, task, ds_config: dict[str, Any] | None = None):
     """The pre-trained model with ROSE's dropout (``--rose_dropout``, on the base model: LoRA's own
-    dropout stays ``--lora_dropout``), the attention kernel, gradient checkpointing and LoRA adapters."""
+    dropout stays ``--lora_dropout``), the attention kernel, gradient checkpointing and LoRA adapters.
+
+    Under ZeRO-3 (``ds_config``'s stage) the model is built already partitioned over the ranks
+    (``deepspeed.zero.Init``, through Transformers' ``HfDeepSpeedConfig``, as the Trainer does) and its
+    weights are loaded tensor by tensor: no rank ever holds the whole model, which a model of billions of
+    parameters needs. Every rank calls it then.
+    """
+    zero3 = (ds_config or {}).get("zero_optimization", {}).get("stage") == 3
+    # Transformers reads it through a weak reference: alive while the model is built, gone after, so
+    # that later loads (the merged LoRA export on one rank) are plain ones
+    hf_zero3 = HfDeepSpeedConfig(ds_config) if zero3 else None
     model = objective.auto_class.from_pretrained(model_path, **objective.model_kwargs(task), **_attention(args))
     model.config.pad_token_id = tokenizer.pad_token_id
     try:
@@ -101,7 +112,9 @@ def load_model(args, objective, model_path: str, tokenizer, task) -> torch.nn.Mo
         # by them) and needs no input that requires grad (a LoRA model's embeddings are frozen)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return apply_lora(model, args, objective.peft_task_type)
+    model = apply_lora(model, args, objective.peft_task_type)  # (PEFT reads the ZeRO-3 flag too)
+    del hf_zero3
+    return model
 
 
 def merge_lora(adapter_dir: Path, dest: Path, auto_class, model_path: str, tokenizer,
