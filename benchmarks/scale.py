@@ -206,6 +206,49 @@ def summarise(runs: dict[str, list[dict]], size: int, args, ds_config: dict) -> 
     }  # fmt: skip
 
 
+# ------------------------------------------------------------------------- the cost model (docs/scale.md)
+# Llama shapes: TinyLlama-1.1B (this run's), Llama-3-8B, Llama-3-70B; eligible tensors: the 'llama' preset's 9
+# weights of every block (q, k, v, o, gate, up, down and the two RMSNorms).
+MODELS = {"1B": (1.094e9, 22), "8B": (8.03e9, 32), "70B": (70.6e9, 80)}
+GPU_COUNTS = (8, 64, 512)
+
+
+def cost_model(measured: dict, small: dict[int, dict]) -> str:
+    """docs/scale.md's tables, from the constants measured by this benchmark (``measured``: the >= 1B run at
+    ZeRO-3; ``small``: stage -> a small run's result at ZeRO 1 and 2, for their collective bytes)."""
+    size = measured["model"]["parameters"]
+    per_param = measured["held_per_rank_bytes_total"] * measured["world_size"] / size  # ZeRO-3: bf16 + fp32 + Adam
+    # collective bytes per step per parameter (bf16), vanilla and ROSE-First/Ensemble, by stage
+    comm = {stage: {k: v / r["model"]["parameters"] for k, v in r["collective_bytes_per_step"].items()}
+            for stage, r in {**small, 3: measured}.items()}  # fmt: skip
+    selection = measured["selection_bytes_per_eligible_tensor"]["ensemble"][0]
+    gib = 2**30
+    lines = ["| model | GPUs | ZeRO-1 | ZeRO-2 | ZeRO-3 | ZeRO-3 + offload (GPU / host per GPU) |", "|---" * 6 + "|"]
+    for name, (p, _) in MODELS.items():
+        for n in GPU_COUNTS:
+            z1 = (4 + (per_param - 2) / n) * p  # bf16 params and gradients whole, the fp32 part split
+            z2 = (2 + (per_param - 2) / n) * p
+            z3 = per_param * p / n
+            lines.append(f"| {name} | {n} | {z1 / gib:.1f} | {z2 / gib:.1f} | {z3 / gib:.1f} | "
+                         f"{2 * p / n / gib:.2f} / {(per_param - 2) * p / n / gib:.1f} |")  # fmt: skip
+    memory = "\n".join(lines)
+    lines = ["| model | eligible tensors | selection all-reduce | ZeRO-1/2 vanilla | ZeRO-1/2 ROSE-First, Ensemble | "
+             "ZeRO-3 vanilla | ZeRO-3 ROSE-First, Ensemble |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, (p, layers) in MODELS.items():
+        eligible = 9 * layers
+        lines.append(f"| {name} | {eligible} | {selection * eligible / 1024:.1f} KiB | "
+                     f"{comm[2]['vanilla'] * p / gib:.1f} GiB | {comm[2]['ensemble'] * p / gib:.1f} GiB | "
+                     f"{comm[3]['vanilla'] * p / gib:.1f} GiB | {comm[3]['ensemble'] * p / gib:.1f} GiB |")  # fmt: skip
+    traffic = "\n".join(lines)
+    return (f"Measured constants: {per_param:.1f} bytes per parameter per rank at ZeRO-3 (bf16 weights, fp32 master "
+            f"weights, Adam moments and the fp32 gradient partition); {selection:.0f} bytes of selection all-reduce "
+            f"per eligible tensor per step; collective bytes per parameter per step: "
+            + "; ".join(f"ZeRO-{s} vanilla {c['vanilla']:.2f}, ROSE-Second {c['second']:.2f}, ROSE-Ensemble "
+                        f"{c['ensemble']:.2f}" for s, c in sorted(comm.items()))
+            + f".\n\nPer-GPU memory (GiB) of model states, vanilla and ROSE alike:\n\n{memory}\n\n"
+            f"Per-GPU traffic per optimizer step (each collective's largest tensor, bf16):\n\n{traffic}\n")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=2048)
@@ -221,10 +264,17 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which runs (finished ones kept)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
     parser.add_argument("--into", type=Path, help="also add the result, as 'scale', to this JSON file (gpu.sh)")
+    parser.add_argument("--cost_model", nargs="*", type=Path, metavar="SMALL_JSON",
+                        help="print docs/scale.md's tables from --json and small runs' JSON at ZeRO 1, 2")  # fmt: skip
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.worker:
         worker(args.worker, rest[1:] if rest[:1] == ["--"] else rest)
+        return
+    if args.cost_model is not None:
+        small = {json.loads(f.read_text())["deepspeed"]["zero_optimization"]["stage"]: json.loads(f.read_text())
+                 for f in args.cost_model}  # fmt: skip
+        print(cost_model(json.loads(args.json.read_text()), small))
         return
     args.work.mkdir(parents=True, exist_ok=True)
     folder = args.work / "model"

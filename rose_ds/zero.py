@@ -36,7 +36,7 @@ import deepspeed.comm as dist
 import torch
 
 # Imported before any process group exists: its functions take ``group=group.WORLD`` as a default
-# evaluated at import, and DeepSpeed imports it (through torch.distributed._shard) after the group is
+# evaluated at import, and DeepSpeed imports it (through torch's distributed._shard) after the group is
 # up, which would keep the group, and gloo's threads, alive until interpreter exit (see shutdown()).
 import torch.distributed.nn.functional  # noqa: F401  isort: skip
 from deepspeed.accelerator import get_accelerator
@@ -113,7 +113,7 @@ def shutdown() -> None:
     at ZeRO-3 (and once in CI). Four things kept it: every ZeRO-3 parameter refers to it
     (``ds_process_group``) and DeepSpeed keeps ZeRO-3 models for the life of the process, a Trainer
     never destroys its engine (whose gradient hooks hold it in a cycle the collector cannot see), and
-    ``torch.distributed.nn.functional`` holds it as a default argument (see the import above).
+    torch's ``distributed.nn.functional`` holds it as a default argument (see the import above).
     :func:`_release_engines` and that import remove them; after this function no gloo thread is left
     (``tests/test_zero.py::test_shutdown_leaves_no_gloo_thread``, ``tests/test_hf.py``).
     """

@@ -7,6 +7,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "rose_ds").rglob("*.py")) + sorted((ROOT / "launch").rglob("*.py"))
 PURE = ["config.py", "selection.py", "optim.py", "losses.py", "methods.py"]
+# The one line allowed, and why: importing this module before any process group exists binds its functions'
+# default group to None instead of the live WORLD group, which otherwise outlives destroy_process_group()
+# (rose_ds.shutdown); it is an import for its side effect, no device or process-group call.
+ALLOWED = {("rose_ds/zero.py", "import torch.distributed.nn.functional  # noqa: F401  isort: skip")}
 
 
 def test_no_direct_cuda_or_torch_distributed():
@@ -15,7 +19,7 @@ def test_no_direct_cuda_or_torch_distributed():
         f"{p.relative_to(ROOT)}:{i}"
         for p in SOURCES
         for i, line in enumerate(p.read_text().splitlines(), 1)
-        if bad.search(line)
+        if bad.search(line) and (str(p.relative_to(ROOT)), line.strip()) not in ALLOWED
     ]
     assert not offenders, f"use get_accelerator() / deepspeed.comm instead: {offenders}"
 
