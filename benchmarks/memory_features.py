@@ -113,8 +113,11 @@ def launch(variant: str, args, out: Path) -> list[dict]:
     return json.loads(out.read_text())
 
 
+SHAPE = ("hidden", "layers", "vocab", "seq", "batch", "steps", "stage")
+
+
 def _shape(args) -> list[str]:
-    return [f"--{k}={getattr(args, k)}" for k in ("hidden", "layers", "vocab", "seq", "batch", "steps", "stage")]
+    return [f"--{k}={getattr(args, k)}" for k in SHAPE]
 
 
 def main() -> None:
@@ -154,7 +157,7 @@ def main() -> None:
     for name, value in ratios.items():
         print(f"{name:>42}: {value:.3f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"shape": dict(a.split("=") for a in (s[2:] for s in _shape(args))),
+    args.json.write_text(json.dumps({"shape": {k: getattr(args, k) for k in SHAPE},
                                      "nproc": args.nproc, "ranks": ranks, "peak_mib": peak, "ratios": ratios},
                                     indent=2))  # fmt: skip
 

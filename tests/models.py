@@ -171,3 +171,16 @@ def case_batch(case: dict, step: int, batch_size: int):
     if case.get("model", "bert") in DECODERS:
         return random_lm_batch(step, batch_size)
     return random_batch(step, batch_size=batch_size)
+
+
+def assert_adapters_trained(weights: dict, initial: dict) -> None:
+    """At least half the adapted modules have moved their B off zero and their A off its initial value:
+    a selection that froze A or B for good (per-tensor scores of adapters) would leave none."""
+    modules = [n for n in weights if "lora_B" in n]
+    trained = [
+        n
+        for n in modules
+        if weights[n].abs().max() > 0
+        and not torch.equal(weights[n.replace("lora_B", "lora_A")], initial[n.replace("lora_B", "lora_A")])
+    ]
+    assert len(trained) >= 0.5 * len(modules), f"{len(trained)} of {len(modules)} adapted modules trained"

@@ -86,7 +86,7 @@ def _cases(f: dict[str, str], other_checkpoint: str) -> dict[str, tuple[list[str
         "no-eligible-tensor": (["--rose_eligibility_regex", "no_such_param"], "selects no", {}, "absent"),
         "lora-target-modules": (
             ["--lora_r", "4", "--lora_target_modules", "no_such_module"],
-            "--lora_target_modules no_such_module: Target modules {'no_such_module'} not found",
+            "--lora_target_modules no_such_module: no_such_module matches no module of the model; its linear layers:",
             {},
             "absent",
         ),

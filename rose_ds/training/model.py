@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
+from transformers.pytorch_utils import Conv1D
 
 from rose_ds import methods, selection
 from rose_ds.config import RoseConfig
@@ -148,6 +149,15 @@ def apply_lora(model: torch.nn.Module, args, task_type: str) -> torch.nn.Module:
         return model
     import peft
 
+    if args.target_modules != "all-linear":  # PEFT drops names that match nothing while one matches
+        names = [name for name, _ in model.named_modules()]
+        missing = [t for t in args.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if missing:
+            linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                             if isinstance(m, (torch.nn.Linear, Conv1D))})  # fmt: skip
+            raise ModelError(f"--lora_target_modules {args.lora_target_modules}: {', '.join(missing)} matches "
+                             f"no module of the model; its linear layers: {', '.join(linear)} "
+                             f"(or pass all-linear)")  # fmt: skip
     try:
         return peft.get_peft_model(model, config)
     except ValueError as err:  # target modules that match nothing, or of a kind LoRA cannot adapt
