@@ -245,7 +245,8 @@ def cost_model(measured: dict, small: dict[int, dict]) -> str:
             f"per eligible tensor per step; collective bytes per parameter per step: "
             + "; ".join(f"ZeRO-{s} vanilla {c['vanilla']:.2f}, ROSE-Second {c['second']:.2f}, ROSE-Ensemble "
                         f"{c['ensemble']:.2f}" for s, c in sorted(comm.items()))
-            + f".\n\nPer-GPU memory (GiB) of model states, vanilla and ROSE alike:\n\n{memory}\n\n"
+            + ".\n\nPer-GPU memory (GiB) of model states (vanilla; ROSE adds none at one micro-batch per step):"
+            f"\n\n{memory}\n\n"
             f"Per-GPU traffic per optimizer step (each collective's largest tensor, bf16):\n\n{traffic}\n")  # fmt: skip
 
 
@@ -272,8 +273,8 @@ def main() -> None:
         worker(args.worker, rest[1:] if rest[:1] == ["--"] else rest)
         return
     if args.cost_model is not None:
-        small = {json.loads(f.read_text())["deepspeed"]["zero_optimization"]["stage"]: json.loads(f.read_text())
-                 for f in args.cost_model}  # fmt: skip
+        small = [json.loads(f.read_text()) for f in args.cost_model]
+        small = {r["deepspeed"]["zero_optimization"]["stage"]: r for r in small}
         print(cost_model(json.loads(args.json.read_text()), small))
         return
     args.work.mkdir(parents=True, exist_ok=True)

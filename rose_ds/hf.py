@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -243,14 +242,10 @@ def join_cpu_processes() -> bool:
     """
     if get_accelerator().device_name() != "cpu":
         return False
-    # the plain-python single process: the variables the deepspeed launcher would set, and a free port
-    # (two single-process runs on one machine must not both take DeepSpeed's 29500)
+    # the plain-python single process: the variables the deepspeed launcher would set
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    zero.set_single_process_port()
     # as launch/finetune.py: skip the JIT build (minutes) of a shared-memory op only inference uses
     zero.skip_shm_comm_build()
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # read by PartialState, as TrainingArguments sets it

@@ -26,6 +26,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
+import socket
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -81,6 +83,15 @@ def check_deepspeed_version(version: str | None = None) -> None:
             f"deepspeed {version} is installed, but rose_ds relies on DeepSpeed internals tested with "
             f"deepspeed>={low},<{high}; install that range: pip install 'deepspeed>={low},<{high}'"
         )
+
+
+def set_single_process_port() -> None:
+    """Sets ``MASTER_PORT`` to a free local port where it is unset, for a single process's rendezvous: two
+    single-process runs on one machine must not both take DeepSpeed's default 29500."""
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
 
 
 def skip_shm_comm_build() -> bool:

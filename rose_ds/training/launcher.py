@@ -161,10 +161,7 @@ def launcher_environment() -> str:
         return "srun"
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in env:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            env["MASTER_PORT"] = str(sock.getsockname()[1])
+    zero.set_single_process_port()
     return "single process"
 
 
