@@ -14,6 +14,7 @@ same band rule and masked update follow whatever the layout.
 from __future__ import annotations
 
 import math
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,11 +23,12 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from rose_ds import radix
+from rose_ds import kernels, radix
 from rose_ds.config import RoseConfig
 from rose_ds.methods import MethodConfig, childtuning_d_masks, childtuning_f_, tensor_key
 from rose_ds.selection import (
-    element_coefficients,
+    ElementBands,
+    element_bands,
     eligible_names,
     mask_coefficients,
     masking_active,
@@ -50,8 +52,9 @@ def masked_adamw_(
     weight_decay: float,
     step: int,
     foreach: bool = True,
-    fused: bool = False,
-) -> None:
+    fused: bool | None = None,
+    momentum_norms: bool | Sequence[bool] = False,
+) -> Tensor | None:
     """One masked AdamW step, in place, over lists of tensors (ROSE spec section 4).
 
     With ``c`` the coefficient of a tensor::
@@ -73,13 +76,61 @@ def masked_adamw_(
             mix), whose elements follow the same formulas one by one.
         lr, beta1, beta2, eps, weight_decay: AdamW hyper-parameters of the group.
         step: The global step ``t`` (1-based) used for bias correction.
-        foreach: Use torch's multi-tensor kernels; the per-tensor path gives bit-identical results.
-        fused: Use torch's fused Adam kernel (one pass over p, g, m, v; much faster on CPU and GPU).
+        foreach: On torch's path, use its multi-tensor kernels; the per-tensor path gives
+            bit-identical results.
+        fused: ``None`` (default): rose_ds's C++ kernel (:mod:`rose_ds.kernels`) where it applies
+            (every tensor float32, contiguous, on the CPU, and the kernel built): one pass over
+            ``p, g, m, v`` per tensor, the momentum norms in the same pass; torch's path otherwise.
+            ``True``: torch's fused Adam kernel (one pass; much faster than foreach on CPU and GPU).
             Same formulas, different rounding: ``eps`` is passed as ``eps / sqrt(1 - beta2^t)``
             so that torch's ``sqrt(v) / sqrt(1 - beta2^t) + eps'`` equals ROSE's
             ``(sqrt(v) + eps) / sqrt(1 - beta2^t)``, the step is scaled by ``c`` through the
             learning rate, and the weight decay is applied afterwards as in the specification.
+            ``False``: torch's foreach (or per-tensor) kernels, never the C++ kernel.
+        momentum_norms: Also return ``||m_t||^2`` of each tensor (or of those flagged True in a
+            sequence; 0 for the others) as :func:`sum_of_squares` takes it, bit for bit: the next
+            step's second-order statistic. The C++ kernel takes it in the pass that writes ``m_t``;
+            torch's path reads the momenta again after the update.
+
+    Returns:
+        float64 CPU tensor of the squared momentum norms when ``momentum_norms`` asks for any, else None.
     """
+    flags = [bool(momentum_norms)] * len(params) if isinstance(momentum_norms, bool) else list(momentum_norms)
+    compiled = _cpu_kernel(fused, params, grads, exp_avgs, exp_avg_sqs, coefficients)
+    if compiled is not None:
+        norms = compiled.masked_adamw(
+            list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+            [1.0 if isinstance(c, Tensor) else float(c) for c in coefficients],
+            [c if isinstance(c, Tensor) else None for c in coefficients], flags, lr, beta1, beta2, eps, weight_decay,
+            step,
+        )  # fmt: skip
+        return norms if any(flags) else None
+    _torch_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, coefficients, lr, beta1, beta2, eps, weight_decay,
+                         step, foreach, bool(fused))  # fmt: skip
+    if not any(flags):
+        return None
+    norms = torch.zeros(len(params), dtype=torch.float64)
+    wanted = [i for i, f in enumerate(flags) if f]
+    norms[wanted] = sum_of_squares([exp_avgs[i] for i in wanted])
+    return norms
+
+
+def _cpu_kernel(fused, params, grads, exp_avgs, exp_avg_sqs, coefficients):
+    """rose_ds's compiled kernels when ``fused`` is None and they can take every tensor, else None."""
+    if fused is not None or not params:
+        return None
+    if not kernels.applies(*params, *grads, *exp_avgs, *exp_avg_sqs):
+        return None
+    for c in coefficients:
+        if isinstance(c, Tensor) and not (c.dtype in (torch.bool, torch.float32) and c.device.type == "cpu"
+                                          and c.is_contiguous()):  # fmt: skip
+            return None
+    return kernels.cpu_kernels()
+
+
+def _torch_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, coefficients, lr, beta1, beta2, eps, weight_decay,
+                         step, foreach, fused) -> None:  # fmt: skip
+    """:func:`masked_adamw_` with torch's kernels."""
     hyper = (lr, beta1, beta2, eps, weight_decay, step)
     per_element = [i for i, c in enumerate(coefficients) if isinstance(c, Tensor)]
     if per_element:
@@ -188,6 +239,26 @@ def _masked_adamw_elements_(param, grad, exp_avg, exp_avg_sq, c: Tensor, lr, bet
 
 # What the dense step tells a user who forgot the robust gradient (a provider supplies its own).
 CAPTURE_HINT = "call opt.capture_robust_grads() after loss_rob.backward(retain_graph=True), before step()"
+
+
+@dataclass
+class _MomentumNorms:
+    """Squared norms of one momentum tensor's segments, as the update of step ``step`` wrote them.
+
+    Attributes:
+        momentum: The momentum tensor (a weak reference: a replaced state invalidates the entry).
+        version: Its ``_version`` after that update: any in-place write since (a checkpoint load,
+            an external edit) makes the norms stale.
+        step: The step that wrote the momentum.
+        segments: The segment layout the norms belong to.
+        values: ``(start, numel) -> ||m||^2`` of each eligible segment.
+    """
+
+    momentum: weakref.ref
+    version: int
+    step: int
+    segments: tuple
+    values: dict[tuple[int, int], float]
 
 
 @dataclass
@@ -310,8 +381,13 @@ class RoseAdamW(torch.optim.Optimizer):
         eps: Added to ``sqrt(v)``.
         weight_decay: Decoupled weight decay, scaled by ``c``.
         rose: The ROSE configuration; ``RoseConfig()`` when omitted.
-        foreach: Use torch's multi-tensor kernels (default True).
-        fused: Use torch's fused Adam kernel for the update (see :func:`masked_adamw_`); fastest.
+        foreach: On torch's path, use its multi-tensor kernels (default True).
+        fused: Which kernel steps (see :func:`masked_adamw_`). ``None`` (default): rose_ds's C++
+            kernel for float32 CPU tensors (ZeRO-Offload's partitions, a model on the CPU): one pass
+            per tensor that also keeps each momentum's norm for the next step's ROSE-Second
+            statistics, so the step never re-reads the momentum; torch's foreach kernels elsewhere
+            (GPUs, bf16 tensors, or where the kernel cannot be built). ``True``: torch's fused Adam
+            kernel. ``False``: torch's foreach (or per-tensor) kernels everywhere.
         method: A method composed with ROSE; the optimizer acts only for ChildTuning-F and -D (it
             masks the gradient before scoring and stepping; D's mask is set once by
             :meth:`set_childtuning_d_fisher`). ``MethodConfig()`` (none) when omitted.
@@ -346,7 +422,7 @@ class RoseAdamW(torch.optim.Optimizer):
         *,
         rose: RoseConfig | None = None,
         foreach: bool = True,
-        fused: bool = False,
+        fused: bool | None = None,
         method: MethodConfig | None = None,
     ) -> None:
         if not 0.0 <= lr:
@@ -391,6 +467,9 @@ class RoseAdamW(torch.optim.Optimizer):
         self.robust_capture = RobustCapture()
         self._provider: SegmentsProvider | None = None  # None: this optimizer's own tensors
         self._expect_provider = False
+        # ||m_t||^2 of each momentum segment as the last update left it, by id of the momentum tensor:
+        # the next step's second-order statistic without a pass over the momentum (_momentum_statistics)
+        self._momentum_norms: dict[int, _MomentumNorms] = {}
 
     @property
     def eligible_names(self) -> list[str]:
@@ -552,7 +631,7 @@ class RoseAdamW(torch.optim.Optimizer):
                 held = [(s, a, b, i) for unit in segments.units for s in unit if s.grad is not None
                         for a, b, i in s.segments if i >= 0]  # fmt: skip
                 stats[1] = index_sum_of_squares([(i, s.view(s.grad, a, b)) for s, a, b, i in held], n)
-                stats[2] = index_sum_of_squares([(i, s.view(s.state["exp_avg"], a, b)) for s, a, b, i in held], n)
+                stats[2] = self._momentum_statistics(held, n, t)
             # The only communication selection adds: 3 x #eligible float64 values.
             stats = segments.reduce(stats)
             recorded = torch.full((3, n), float("nan"), dtype=torch.float64)  # NaN where the mode needs no norm
@@ -565,16 +644,28 @@ class RoseAdamW(torch.optim.Optimizer):
                                   units=[self._units[i] for i in live])  # fmt: skip
             coefficients = dict(zip(live, c.tolist()))
         self.last_mask = {self._eligible_names[i]: coefficients[i] for i in live}
+        keep_norms = needs_second_order(cfg, t + 1)  # the next step's ||m_{t-1}||: taken by this update
         for unit in segments.units:
-            pieces = []  # (shard, start, numel, c): contiguous segments of equal c merged into one view
+            pieces, eligible = [], []  # (shard, start, numel, c); whether the piece is an eligible segment
             for s in unit:
-                if s.grad is not None:
+                if s.grad is None:
+                    continue
+                if keep_norms:  # one piece per segment: its momentum norm is kept
+                    segs = [(a, b, i) for a, b, i in s.segments if b > 0]
+                    pieces += [(s, a, b, coefficients[i] if i >= 0 else 1.0) for a, b, i in segs]
+                    eligible += [i >= 0 for _, _, i in segs]
+                else:  # contiguous segments of equal c merged into one view
                     pieces += [(s, a, b, c) for a, b, c in _runs(s.segments, coefficients)]
-            self._update(unit, pieces, t)
+            if keep_norms and pieces:
+                self._keep_momentum_norms(pieces, eligible, self._update(unit, pieces, t, eligible), t)
+            else:
+                self._update(unit, pieces, t)
 
     def _element_update(self, segments: Segments, live: list[int], t: int) -> None:
         """Element granularity: a coefficient per element of every eligible tensor; the band of all
-        ranks' scores comes from ``radix`` (a few all-reduces of 256-bin histograms), never gathered."""
+        ranks' scores comes from ``radix.sampled_quantiles`` (a sampled bracket and a few all-reduces of
+        256-bin histograms), never gathered. On rose_ds's C++ path no score or mask is stored: the
+        bands go to the update, which scores each element as it reads it."""
         cfg, n = self.rose, len(self._eligible_names)
         active = masking_active(cfg, t)
         by_index: dict[int, list[tuple[Shard, int, int]]] = {i: [] for i in live}
@@ -588,64 +679,125 @@ class RoseAdamW(torch.optim.Optimizer):
             if active:
                 for s in held:
                     for a, b, i in s.segments:
-                        if i >= 0:
+                        if i >= 0 and b > 0:
                             by_index[i].append((s, a, b))
         if not active:
             self.last_mask = {self._eligible_names[i]: 1.0 for i in live}
             return
-        empty = torch.empty(0)
-
-        def joined(i: int, key: str | None) -> Tensor:
-            """Tensor ``i``'s pieces here as one tensor: the view itself for one piece (the usual case),
-            so scoring reads the shard in place instead of copying gradient and momentum every step."""
-            views = [s.view(s.param if key is None else s.grad if key == "grad" else s.state[key], a, b)
-                     for s, a, b in by_index[i]]  # fmt: skip
-            if len(views) == 1:
-                return views[0]
-            return torch.cat(views) if views else empty
-
+        # every piece of every live tensor here, in score-vector order
+        pieces = [(i, s, a, b) for i in live for s, a, b in by_index[i]]
         robust = grads = momenta = None
         if needs_robust_gradient(cfg):
-            captured = self.robust_capture.grads
-            robust = []
-            for i in live:
-                g = captured[i] if by_index[i] else empty
-                robust.append(torch.zeros_like(joined(i, None)) if g is None else g)
-        if needs_second_order(cfg, t):
-            grads = [joined(i, "grad") for i in live]
-            momenta = [joined(i, "exp_avg") for i in live]
-        masks = element_coefficients(cfg, t, robust, grads, momenta, segments.reduce)
-        counts = torch.zeros(2, n, dtype=torch.float64)  # kept and held elements of each tensor
-        for k, i in enumerate(live):
-            offset = 0
-            for s, a, b in by_index[i]:
-                if masks is None:
-                    c, kept = 1.0, b
+            captured, robust, offsets = self.robust_capture.grads, [], dict.fromkeys(live, 0)
+            for i, s, a, b in pieces:
+                g = captured[i]
+                if g is None:
+                    robust.append(torch.zeros(b, dtype=torch.float32, device=s.param.device))
                 else:
-                    c = masks[k] if len(by_index[i]) == 1 else masks[k].reshape(-1).narrow(0, offset, b)
-                    kept = float(c.sum(dtype=torch.float64))
-                offset += b
+                    robust.append(g if len(by_index[i]) == 1 else g.reshape(-1).narrow(0, offsets[i], b))
+                offsets[i] += b
+        if needs_second_order(cfg, t):
+            grads = [s.view(s.grad, a, b) for _, s, a, b in pieces]
+            momenta = [s.view(s.state["exp_avg"], a, b) for _, s, a, b in pieces]
+        bands = element_bands(cfg, t, robust, grads, momenta, segments.reduce, [len(by_index[i]) for i in live])
+        counts = torch.zeros(2, n, dtype=torch.float64)  # kept and held elements of each tensor
+        kept = self._band_update(pieces, bands, robust, t) if bands is not None else None
+        if kept is None:  # torch's path: the coefficients in memory
+            coefficients = [1.0] * len(pieces) if bands is None else bands.coefficients(robust, grads, momenta)
+            kept = []
+            for (_, s, a, b), c in zip(pieces, coefficients):
                 self._update([s], [(s, a, b, c)], t)
-                counts[0, i] += kept
-                counts[1, i] += b
+                kept.append(float(b) if isinstance(c, float) else float(c.sum(dtype=torch.float64)))
+        for (i, _, _, b), k in zip(pieces, kept):
+            counts[0, i] += k
+            counts[1, i] += b
         counts = segments.reduce(counts)  # the kept fraction of each whole tensor, for last_mask
         self.last_mask = {self._eligible_names[i]: float(counts[0, i] / counts[1, i]) if counts[1, i] else 1.0
                           for i in live}  # fmt: skip
 
-    def _update(self, unit: list[Shard], pieces: list[tuple[Shard, int, int, float | Tensor]], t: int) -> None:
+    def _band_update(self, pieces, bands: ElementBands, robust: list[Tensor] | None, t: int) -> list[float] | None:
+        """The element update on rose_ds's C++ path, ``c`` of each element from ``bands``; returns each
+        piece's sum of ``c``, or None where the kernel cannot take the tensors (torch's path then)."""
+        views = [(s, s.view(s.param, a, b), s.view(s.grad, a, b), s.view(s.state["exp_avg"], a, b),
+                  s.view(s.state["exp_avg_sq"], a, b)) for _, s, a, b in pieces]  # fmt: skip
+        flat = [x for _, *tensors in views for x in tensors] + (robust or [])
+        compiled = kernels.cpu_kernels() if self.fused is None and kernels.applies(*flat) else None
+        if compiled is None:
+            return None
+        kept = [0.0] * len(pieces)
+        by_group: dict[int, list[int]] = defaultdict(list)
+        for k, (s, *_) in enumerate(views):
+            by_group[id(s.group)].append(k)
+        mode = {"first": 0, "second": 1, "ensemble": 2}[bands.mode]
+        for ks in by_group.values():
+            group = views[ks[0]][0].group
+            beta1, beta2 = group["betas"]
+            sums = compiled.band_adamw(
+                *([views[k][j] for k in ks] for j in range(1, 5)), [robust[k] if robust else None for k in ks],
+                [x for k in ks for x in bands.first[k]] if bands.first else [],
+                [x for k in ks for x in bands.second[k]] if bands.second else [], mode, bands.coef, bands.gamma,
+                group["lr"], beta1, beta2, group["eps"], group["weight_decay"], t,
+            )  # fmt: skip
+            for k, value in zip(ks, sums.tolist()):
+                kept[k] = value
+        return kept
+
+    def _update(self, unit: list[Shard], pieces: list[tuple[Shard, int, int, float | Tensor]], t: int,
+                momentum_norms: bool | list[bool] = False) -> Tensor | None:  # fmt: skip
         """One masked_adamw_ call over ``(shard, start, numel, c)`` views, with the unit's group's
-        hyper-parameters (the shards of a unit share one param group)."""
+        hyper-parameters (the shards of a unit share one param group); returns the new momenta's
+        squared norms where ``momentum_norms`` asks for them."""
         if not pieces:
-            return
+            return None
         group = unit[0].group
         beta1, beta2 = group["betas"]
-        masked_adamw_(
+        return masked_adamw_(
             [s.view(s.param, a, b) for s, a, b, _ in pieces], [s.view(s.grad, a, b) for s, a, b, _ in pieces],
             [s.view(s.state["exp_avg"], a, b) for s, a, b, _ in pieces],
             [s.view(s.state["exp_avg_sq"], a, b) for s, a, b, _ in pieces], [c for *_, c in pieces],
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=t,
-            foreach=self.foreach, fused=self.fused,
+            foreach=self.foreach, fused=self.fused, momentum_norms=momentum_norms,
         )  # fmt: skip
+
+    def _keep_momentum_norms(self, pieces, flags: list[bool], norms: Tensor, t: int) -> None:
+        """Remembers the squared norms the update at step ``t`` returned for each momentum segment."""
+        by_shard: dict[int, tuple[Shard, dict[tuple[int, int], float]]] = {}
+        for (s, a, b, _), flag, norm in zip(pieces, flags, norms.tolist()):
+            if flag:
+                by_shard.setdefault(id(s.state["exp_avg"]), (s, {}))[1][(a, b)] = norm
+        for key, (s, values) in by_shard.items():
+            m = s.state["exp_avg"]
+            self._momentum_norms[key] = _MomentumNorms(weakref.ref(m), m._version, t, tuple(s.segments), values)
+
+    def _momentum_statistics(self, held: list[tuple[Shard, int, int, int]], n: int, t: int) -> Tensor:
+        """``index_sum_of_squares`` of the momentum segments ``(shard, start, numel, index)``, bit for
+        bit: each segment's norm as the previous update returned it where that still describes the
+        momentum (written at step ``t - 1``, not touched since, same layout), else read again (the
+        first step, after ``load_state_dict`` or a resume, a new partition layout, a skipped tensor)."""
+        values: list[float | None] = []
+        indices, missing = [], []
+        valid: dict[int, dict[tuple[int, int], float] | None] = {}
+        for s, a, b, i in held:
+            if b == 0:
+                continue
+            m = s.state["exp_avg"]
+            if id(m) not in valid:
+                kept = self._momentum_norms.get(id(m))
+                fresh = (kept is not None and kept.momentum() is m and kept.version == m._version
+                         and kept.step == t - 1 and kept.segments == tuple(s.segments))  # fmt: skip
+                valid[id(m)] = kept.values if fresh else None
+            value = None if valid[id(m)] is None else valid[id(m)].get((a, b))
+            if value is None:
+                missing.append((len(values), s.view(m, a, b)))
+            values.append(value)
+            indices.append(i)
+        if missing:
+            for (k, _), norm in zip(missing, sum_of_squares([v for _, v in missing]).tolist()):
+                values[k] = norm
+        out = torch.zeros(n, dtype=torch.float64)
+        if indices:
+            out.index_add_(0, torch.tensor(indices, dtype=torch.long), torch.tensor(values, dtype=torch.float64))
+        return out
 
     def dense_segments(self, stepping: bool = True) -> Segments:
         """This optimizer's own tensors as a segments view: each tensor is one whole segment.
@@ -730,6 +882,7 @@ class RoseAdamW(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         rose = state_dict.pop("rose", None)
         super().load_state_dict(state_dict)
+        self._momentum_norms.clear()  # new momenta: their norms are read again at the next step
         if rose is not None:
             self.last_mask = dict(rose.get("last_mask", {}))
 
@@ -747,9 +900,10 @@ def _squared_norms(tensors: Sequence[Tensor | None]) -> Tensor:
 # tensor grows (BLAS dot: 2e-6 relative error at 1e6 elements, 3e-3 at 1e8, 8e-2 at 1e9); partial
 # sums over short blocks, added in fp64, keep the error of one block at any size: measured 4e-10
 # (fp32 data) and 6e-8 (fp32 data of bf16 precision, whose rounding is biased) from 1e6 to 1e9
-# elements. On the CPU the blocks are the rows of one batched BLAS product per tensor, 1.1-1.5x the
-# time of a single dot (2^12-element rows: 6e-7; 2^9 is where both errors are smallest); elsewhere
-# one _foreach_norm launch over 2^18-element blocks.
+# elements. On the CPU the blocks are summed by rose_ds's C++ kernel (16 fp32 lanes a block, in a
+# fixed order, the same code as the fused update's momentum norm), or without it the rows of one
+# batched BLAS product per tensor, 1.1-1.5x the time of a single dot (2^12-element rows: 6e-7; 2^9
+# is where both errors are smallest); elsewhere one _foreach_norm launch over 2^18-element blocks.
 CPU_NORM_BLOCK = 1 << 9
 NORM_BLOCK = 1 << 18
 
@@ -760,15 +914,22 @@ def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
     Each tensor is cut into short blocks whose squares are summed in fp32 (bf16/fp16 are widened
     exactly; fp64 stays fp64), and the blocks' sums are added in fp64, so the relative error stays
     below 1e-7 from a few elements to 1e9 and beyond (``tests/test_optim.py`` checks it at 2e8; a
-    single fp32 accumulation is off by 3e-3 at 1e8 elements). On the CPU the blocks are the
-    :data:`CPU_NORM_BLOCK`-element rows of one BLAS batched product per tensor, which costs what one
-    ``dot`` over the tensor nearly costs (benchmarks/RESULTS.md); other devices use one ``_foreach_norm``
-    launch over the :data:`NORM_BLOCK`-element blocks of all tensors. A block sum beyond fp32's range
-    (squares above 3.4e38) is inf, which the selection freezes like any infinite score.
+    single fp32 accumulation is off by 3e-3 at 1e8 elements). On the CPU the blocks have
+    :data:`CPU_NORM_BLOCK` elements: float32 tensors go through rose_ds's C++ kernel
+    (:mod:`rose_ds.kernels`; one read at memory speed, the same bits as the momentum norm the fused
+    update returns, whatever the number of threads), other dtypes or a machine without the kernel
+    through one BLAS batched product per tensor, which costs what one ``dot`` over the tensor nearly
+    costs (benchmarks/RESULTS.md); other devices use one ``_foreach_norm`` launch over the
+    :data:`NORM_BLOCK`-element blocks of all tensors. A block sum beyond fp32's range (squares above
+    3.4e38) is inf, which the selection freezes like any infinite score.
     """
     out = torch.zeros(len(tensors), dtype=torch.float64)
     if not tensors:
         return out
+    on_cpu = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    compiled = kernels.cpu_kernels() if on_cpu else None
+    if compiled is not None:  # the same blocks, fp32 lanes of a fixed order: the C++ update's norm, bit for bit
+        return compiled.sum_of_squares([t.contiguous() for t in tensors])
     if all(t.device.type == "cpu" for t in tensors):
         for i, t in enumerate(tensors):
             out[i] = _cpu_sum_of_squares(t.contiguous().view(-1))

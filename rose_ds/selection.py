@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from rose_ds import radix
+from rose_ds import kernels, radix
 from rose_ds.config import ELIGIBILITY_ALIASES, ELIGIBILITY_PRESETS, RoseConfig
 
 
@@ -192,8 +193,10 @@ def needs_second_order(config: RoseConfig, step: int) -> bool:
 
 # ------------------------------------------------------------------------- element granularity
 # Scores are float32, one per element, computed exactly as written below; the band is the
-# ``torch.quantile`` band of all scores in scope, taken by ``radix.quantiles`` so that a sharded caller
-# (passing its shard and an ``all_reduce``) gets the same band without gathering the scores.
+# ``torch.quantile`` band of all scores in scope, taken by ``radix.sampled_quantiles`` so that a sharded
+# caller (passing its shard and an ``all_reduce``) gets the same band without gathering the scores.
+# With rose_ds's C++ kernels (float32 CPU tensors) no score is ever stored: the counting pass and the
+# update compute each element's score as they read the gradient and the momentum (ElementBands).
 
 
 def element_first_order_scores(robust_grad: Tensor) -> Tensor:
@@ -203,10 +206,53 @@ def element_first_order_scores(robust_grad: Tensor) -> Tensor:
 
 def element_second_order_scores(grad: Tensor, momentum: Tensor, coef: float = 0.1) -> Tensor:
     """``|coef * g / m - 1|`` per element, float32; infinite (never kept) where ``m == 0``."""
+    compiled = kernels.cpu_kernels() if kernels.applies(grad, momentum) else None
+    if compiled is not None:
+        return compiled.second_order_scores(grad.detach(), momentum.detach(), coef)
     g = grad.detach().to(torch.float32)
     m = momentum.detach().to(torch.float32)
     score = (coef * g / m - 1.0).abs()
     return score.masked_fill_(m == 0, float("inf"))
+
+
+class ElementScores:
+    """The element scores of some tensors' local pieces as a :class:`rose_ds.radix.ScoreSource`: first-order
+    (``|g_rob|`` of ``robust``) or second-order (``|coef * g / m - 1|`` of ``grads`` and ``momenta``).
+
+    On float32 CPU tensors with rose_ds's kernels, the counting pass computes the scores as it reads
+    the tensors (nothing the size of the shard is written); otherwise the scores are made in memory
+    once, as :func:`element_first_order_scores` / :func:`element_second_order_scores` make them.
+    """
+
+    def __init__(self, robust: Sequence[Tensor] | None = None, grads: Sequence[Tensor] | None = None,
+                 momenta: Sequence[Tensor] | None = None, coef: float = 0.1) -> None:  # fmt: skip
+        self.second = robust is None
+        self.a = [t.detach().reshape(-1) for t in (grads if self.second else robust)]
+        self.b = [t.detach().reshape(-1) for t in momenta] if self.second else [None] * len(self.a)
+        self.coef = coef
+        self._scores: list[Tensor] | None = None
+
+    def _score(self, a: Tensor, b: Tensor | None) -> Tensor:
+        return element_second_order_scores(a, b, self.coef) if self.second else element_first_order_scores(a)
+
+    def numels(self) -> list[int]:
+        return [a.numel() for a in self.a]
+
+    def keys_at(self, part: int, index: Tensor) -> Tensor:
+        b = self.b[part]
+        return self._score(self.a[part][index], None if b is None else b[index]).view(torch.int32)
+
+    def count(self, lows: list[int], highs: list[int]) -> tuple[Tensor, list[Tensor]]:
+        compiled = kernels.cpu_kernels() if kernels.applies(*self.a, *self.b) else None
+        if compiled is not None:
+            under, inside = compiled.bracket_count(self.a, self.b, self.coef, lows, highs)
+            return under, list(inside)
+        return radix.count_brackets([s.view(torch.int32) for s in self.scores()], lows, highs)
+
+    def scores(self) -> list[Tensor]:
+        if self._scores is None:
+            self._scores = [self._score(a, b) for a, b in zip(self.a, self.b)]
+        return self._scores
 
 
 def element_band_masks(
@@ -215,6 +261,7 @@ def element_band_masks(
     upper: float,
     scope: str = "global",
     all_reduce: radix.AllReduce = radix._identity,
+    seed: int = 0,
 ) -> list[Tensor]:
     """Boolean keep-masks: ``quantile(lower%) <= score <= quantile(upper%)`` and the score is finite.
 
@@ -222,14 +269,117 @@ def element_band_masks(
 
     ``scope="global"`` takes one band over all tensors' scores together, ``"tensor"`` one per tensor.
     With ``all_reduce`` each rank passes its shard of every tensor (possibly empty) and all ranks get
-    masks consistent with one band over the union of the shards.
+    masks consistent with one band over the union of the shards. ``seed`` seeds the sample that
+    brackets the band (:func:`rose_ds.radix.sampled_quantiles`; the band is exact for any seed).
     """
-    qs = (lower / 100.0, upper / 100.0)
+    bands = _bands([list(scores)] if scope == "global" else [[s] for s in scores], lower, upper, all_reduce, seed)
     if scope == "global":
-        bands = [radix.quantiles(scores, qs, all_reduce, nonnegative=True).tolist()] * len(scores)
-    else:
-        bands = [radix.quantiles(s, qs, all_reduce, nonnegative=True).tolist() for s in scores]
-    return [(s >= lo) & (s <= hi) & torch.isfinite(s) for s, (lo, hi) in zip(scores, bands)]
+        bands = bands * len(scores)
+    return [element_band_mask(s, lo, hi) for s, (lo, hi) in zip(scores, bands)]
+
+
+def element_band_mask(scores: Tensor, lo: float, hi: float) -> Tensor:
+    """``lo <= score <= hi`` and the score is finite, per element."""
+    return (scores >= lo) & (scores <= hi) & torch.isfinite(scores)
+
+
+def _bands(sources: Sequence, lower: float, upper: float, all_reduce: radix.AllReduce,
+           seed: int) -> list[tuple[float, float]]:  # fmt: skip
+    """``(lo, hi)`` of each source (a list of score tensors, or an :class:`ElementScores`)."""
+    qs = (lower / 100.0, upper / 100.0)
+    return [tuple(radix.sampled_quantiles(src, qs, all_reduce, nonnegative=True, seed=seed).tolist())
+            for src in sources]  # fmt: skip
+
+
+@dataclass
+class ElementBands:
+    """One step's element-granularity bands: ``(lo, hi)`` of each eligible tensor (one shared band when
+    the scope is global) for each score the mode uses; an element's ``c`` follows from its scores.
+
+    Attributes:
+        mode: ``first``, ``second`` or ``ensemble``.
+        gamma: The ensemble's weight of the first-order mask.
+        coef: The second-order score's constant.
+        first: First-order bands (None: the mode uses none).
+        second: Second-order bands (None: the mode uses none, or step 1, when no momentum exists).
+    """
+
+    mode: str
+    gamma: float
+    coef: float
+    first: list[tuple[float, float]] | None
+    second: list[tuple[float, float]] | None
+
+    def coefficients(self, robust_grads: Sequence[Tensor] | None, grads: Sequence[Tensor] | None,
+                     momenta: Sequence[Tensor] | None) -> list[Tensor]:  # fmt: skip
+        """The coefficient of every element: boolean for modes first and second, float32
+        ``(1 - gamma) * M2 + gamma * M1`` for the ensemble (``M1 ? 1 : 1 - gamma`` on step 1)."""
+        m1 = m2 = None
+        if self.first is not None:
+            m1 = [
+                element_band_mask(element_first_order_scores(r), lo, hi)
+                for r, (lo, hi) in zip(robust_grads, self.first)
+            ]
+        if self.second is not None:
+            m2 = [element_band_mask(element_second_order_scores(g, m, self.coef), lo, hi)
+                  for g, m, (lo, hi) in zip(grads, momenta, self.second)]  # fmt: skip
+        if self.mode == "first":
+            return m1
+        if self.mode == "second":
+            return m2
+        if m2 is None:  # the ensemble on step 1: M2 is all ones
+            return [torch.where(a, 1.0, 1.0 - self.gamma).to(torch.float32) for a in m1]
+        return [((1.0 - self.gamma) * b.to(torch.float32)).add_(a.to(torch.float32), alpha=self.gamma)
+                for a, b in zip(m1, m2)]  # fmt: skip
+
+
+def element_bands(
+    config: RoseConfig,
+    step: int,
+    robust_grads: Sequence[Tensor] | None = None,
+    grads: Sequence[Tensor] | None = None,
+    momenta: Sequence[Tensor] | None = None,
+    all_reduce: radix.AllReduce = radix._identity,
+    pieces: Sequence[int] | None = None,
+) -> ElementBands | None:
+    """The bands of every eligible tensor's element scores for step ``step`` (1-based), without any mask.
+
+    Returns None when every element is updated (no masking this step, or mode second on step 1, when
+    no momentum exists yet). Each band is exact (:func:`rose_ds.radix.sampled_quantiles`, seeded
+    with the step) over all ranks' elements in scope.
+
+    Args:
+        config, step, all_reduce: As for :func:`element_coefficients`.
+        robust_grads, grads, momenta: This rank's pieces of the eligible tensors.
+        pieces: How many consecutive pieces each eligible tensor has (None: one each); a tensor's
+            band (scope ``tensor``) is taken over all its pieces, and every piece gets it.
+    """
+    if not masking_active(config, step):
+        return None
+    count = len(robust_grads if robust_grads is not None else grads or [])
+    sizes = list(pieces) if pieces is not None else [1] * count
+    # tensor scope: one source per tensor (its pieces together); global: one source of every piece
+    groups = [list(range(sum(sizes[:k]), sum(sizes[: k + 1]))) for k in range(len(sizes))]
+    if config.scope == "global":
+        groups = [list(range(count))]
+
+    def bands(make) -> list[tuple[float, float]]:
+        per_group = _bands([make(g) for g in groups], config.lower, config.upper, all_reduce, step)
+        out = [None] * count
+        for g, band in zip(groups, per_group):
+            for k in g:
+                out[k] = band
+        return out
+
+    first = second = None
+    if needs_robust_gradient(config):
+        first = bands(lambda g: ElementScores(robust=[robust_grads[k] for k in g]))
+    if needs_second_order(config, step):
+        coef = config.second_order_coef
+        second = bands(lambda g: ElementScores(grads=[grads[k] for k in g], momenta=[momenta[k] for k in g], coef=coef))
+    if config.mode == "second" and second is None:
+        return None  # step 1: no momentum yet, every element is kept
+    return ElementBands(config.mode, config.gamma, config.second_order_coef, first, second)
 
 
 def element_coefficients(
@@ -246,20 +396,5 @@ def element_coefficients(
     no momentum exists yet); otherwise one tensor per eligible tensor: boolean for modes first and
     second (``c`` is 0 or 1), float32 ``(1 - gamma) * M2 + gamma * M1`` for the ensemble.
     """
-    if not masking_active(config, step):
-        return None
-    m1 = m2 = None
-    if needs_robust_gradient(config):
-        first = [element_first_order_scores(g) for g in robust_grads]
-        m1 = element_band_masks(first, config.lower, config.upper, config.scope, all_reduce)
-    if needs_second_order(config, step):
-        second = [element_second_order_scores(g, m, config.second_order_coef) for g, m in zip(grads, momenta)]
-        m2 = element_band_masks(second, config.lower, config.upper, config.scope, all_reduce)
-    if config.mode == "first":
-        return m1
-    if config.mode == "second":
-        return m2  # None on step 1: no momentum yet, every element is kept
-    if m2 is None:  # the ensemble on step 1: M2 is all ones
-        return [torch.where(a, 1.0, 1.0 - config.gamma).to(torch.float32) for a in m1]
-    return [((1.0 - config.gamma) * b.to(torch.float32)).add_(a.to(torch.float32), alpha=config.gamma)
-            for a, b in zip(m1, m2)]  # fmt: skip
+    bands = element_bands(config, step, robust_grads, grads, momenta, all_reduce)
+    return None if bands is None else bands.coefficients(robust_grads, grads, momenta)
