@@ -656,10 +656,9 @@ class RoseAdamW(torch.optim.Optimizer):
                     eligible += [i >= 0 for _, _, i in segs]
                 else:  # contiguous segments of equal c merged into one view
                     pieces += [(s, a, b, c) for a, b, c in _runs(s.segments, coefficients)]
-            if keep_norms and pieces:
-                self._keep_momentum_norms(pieces, eligible, self._update(unit, pieces, t, eligible), t)
-            else:
-                self._update(unit, pieces, t)
+            norms = self._update(unit, pieces, t, eligible if keep_norms else False)
+            if norms is not None:  # (None: no eligible segment in this unit)
+                self._keep_momentum_norms(pieces, eligible, norms, t)
 
     def _element_update(self, segments: Segments, live: list[int], t: int) -> None:
         """Element granularity: a coefficient per element of every eligible tensor; the band of all

@@ -264,6 +264,7 @@ def sampled_quantiles(
     nonnegative: bool = False,
     sample: int = SAMPLE,
     seed: int = 0,
+    z: float = BRACKET_Z,
 ) -> Tensor:
     """:func:`quantiles` (the same values, bit for bit), through a sampled bracket instead of four
     histogram passes over every score.
@@ -280,9 +281,8 @@ def sampled_quantiles(
        skipped) gives the exact ``k``-th score. Otherwise the full radix select of :func:`kth_smallest`
        runs: exact whatever the sample.
 
-    Traffic: 16 bytes of counts, 16 bytes per bracket, and at most ``(SAMPLE_ROUNDS + 4) x targets``
-    histograms of 256 counts (int32 where every count fits, else int64), whatever the number of
-    scores; a miss adds the full radix select's.
+    Traffic, whatever the number of scores: at most :func:`sampled_traffic_bound` bytes (28,704 for
+    the two quantiles of a band), usually about half; a miss adds the full radix select's.
 
     Args:
         local_scores, qs, all_reduce, nonnegative: As for :func:`quantiles`; ``all_reduce`` also sums
@@ -290,6 +290,8 @@ def sampled_quantiles(
             computed as they are read, never stored).
         sample: The number of scores sampled over all ranks (at most 1/16 of them).
         seed: Seeds the sample (the same answer for any seed; a run stays bit-reproducible).
+        z: The brackets' half-width in standard deviations of a sample rank (smaller: fewer scores
+            inside, more misses).
 
     Returns:
         float32 tensor with one value per ``q``.
@@ -305,7 +307,7 @@ def sampled_quantiles(
     ranks, below, above = _ranks(qs, n)
     wanted = sorted(set(below.tolist() + above.tolist()))
     size = min(sample, n >> 4)
-    found = _bracketed(source, wanted, n, local, size, seed, all_reduce) if size >= MIN_SAMPLE else None
+    found = _bracketed(source, wanted, n, local, size, seed, z, all_reduce) if size >= MIN_SAMPLE else None
     if found is None:  # a small input, or a bracket missed: the full radix select
         values = kth_smallest(source.scores(), below.tolist() + above.tolist(), all_reduce, total=n,
                               nonnegative=nonnegative)  # fmt: skip
@@ -314,7 +316,17 @@ def sampled_quantiles(
     return _interpolate(values, ranks, below)
 
 
-def _bracketed(source: ScoreSource, wanted: list[int], n: int, local: int, size: int, seed: int,
+def sampled_traffic_bound(num_qs: int, wide: bool = False) -> int:
+    """The most bytes one :func:`sampled_quantiles` call all-reduces when no bracket misses, for
+    ``num_qs`` quantiles: the two counts, ``SAMPLE_ROUNDS`` rounds over the sample and 4 over the
+    brackets' scores of at most one 256-bin histogram per order statistic (2 per quantile), and two
+    counts per bracket. Histograms are int32, or int64 for a bracket holding ``2^31`` scores or more
+    over all ranks (``wide``)."""
+    targets = 2 * num_qs
+    return 16 + 16 * num_qs + SAMPLE_ROUNDS * targets * BINS * 4 + 4 * targets * BINS * (8 if wide else 4)
+
+
+def _bracketed(source: ScoreSource, wanted: list[int], n: int, local: int, size: int, seed: int, z: float,
                all_reduce: AllReduce) -> dict[int, int] | None:  # fmt: skip
     """The key of each wanted order statistic through a sampled bracket; None when a bracket misses."""
     count = size * local // n  # this rank's share of the sample (exact integer arithmetic)
@@ -335,7 +347,7 @@ def _bracketed(source: ScoreSource, wanted: list[int], n: int, local: int, size:
     windows: list[list] = []
     for k in wanted:
         p = k / n
-        half = BRACKET_Z * math.sqrt(total * p * (1.0 - p)) + 2.0
+        half = z * math.sqrt(total * p * (1.0 - p)) + 2.0
         centre = k * total / n
         low, high = math.floor(centre - half), math.ceil(centre + half)
         if windows and low <= windows[-1][1]:

@@ -188,7 +188,7 @@ def initialize(
     eps: float = 1e-6,
     weight_decay: float = 0.01,
     param_groups: Iterable[dict[str, Any]] | None = None,
-    fused: bool = False,
+    fused: bool | None = None,
     method: MethodConfig | None = None,
     **deepspeed_kwargs: Any,
 ):
@@ -205,7 +205,9 @@ def initialize(
         rose: The ROSE configuration.
         lr, betas, eps, weight_decay: RoseAdamW hyper-parameters.
         param_groups: Optional named param groups (``(name, tensor)`` pairs) instead of the default two.
-        fused: Use torch's fused Adam kernel for the masked update (``RoseAdamW(fused=True)``).
+        fused: Which kernel steps (``RoseAdamW(fused=...)``): None (default), rose_ds's C++ kernel for
+            float32 CPU partitions (``offload_optimizer``) and torch's foreach kernels elsewhere; True,
+            torch's fused Adam kernel; False, torch's foreach kernels everywhere.
         method: A method composed with ROSE (``RoseAdamW(method=...)``; pass its losses to
             :func:`train_step` with ``loss_fn=rose_ds.methods.loss_fn(method)``).
         **deepspeed_kwargs: Passed to ``deepspeed.initialize`` (``lr_scheduler``, ``training_data``, ...).
