@@ -549,9 +549,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> bracket_count(const std::vector<
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("masked_adamw", &masked_adamw, "ROSE's masked AdamW in one pass; returns each new momentum's squared norm");
-  m.def("band_adamw", &band_adamw, "element granularity's masked AdamW, c from the bands; returns each sum of c");
-  m.def("sum_of_squares", &sum_of_squares, "blocked squared L2 norms of float32 tensors (float64)");
-  m.def("second_order_scores", &second_order_scores, "element second-order scores |coef g / m - 1|");
-  m.def("bracket_count", &bracket_count, "scores below and inside each bracket, computed as they are read");
+  // The GIL is released while a kernel runs: other Python threads (ranks simulated by threads, a
+  // data loader) go on meanwhile.
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("masked_adamw", &masked_adamw, release(),
+        "ROSE's masked AdamW in one pass; returns each new momentum's squared norm");
+  m.def("band_adamw", &band_adamw, release(),
+        "element granularity's masked AdamW, c from the bands; returns each sum of c");
+  m.def("sum_of_squares", &sum_of_squares, release(), "blocked squared L2 norms of float32 tensors (float64)");
+  m.def("second_order_scores", &second_order_scores, release(), "element second-order scores |coef g / m - 1|");
+  m.def("bracket_count", &bracket_count, release(),
+        "scores below and inside each bracket, computed as they are read");
 }
