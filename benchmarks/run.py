@@ -60,9 +60,11 @@ def collect(args, work: Path) -> dict:
     subprocess.run(opt_cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     results["optimizer"] = json.loads(opt_json.read_text())
 
-    print(f"step time, {args.nproc} ranks, ZeRO {' '.join(map(str, args.stages))} ...", flush=True)
-    _torchrun(args.nproc, ["time", str(work / "time.json"), "--stages", *map(str, args.stages), "--rounds",
-                           str(args.rounds), "--warmup", str(args.warmup), *model], 29611, env)  # fmt: skip
+    print(f"step time, {args.nproc} ranks, ZeRO {' '.join(map(str, args.stages))}, offload at "
+          f"{' '.join(map(str, args.offload_stages)) or 'none'} ...", flush=True)  # fmt: skip
+    _torchrun(args.nproc, ["time", str(work / "time.json"), "--stages", *map(str, args.stages), "--offload_stages",
+                           *map(str, args.offload_stages), "--rounds", str(args.rounds), "--warmup", str(args.warmup),
+                           *model], 29611, env)  # fmt: skip
     results["time"] = json.loads((work / "time.json").read_text())
 
     results["traffic"] = []
@@ -222,6 +224,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--nproc", type=int, default=2, help="ranks of the step-time and memory runs")
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 2, 3])
+    parser.add_argument("--offload_stages", type=int, nargs="*", default=[2, 3],
+                        help="stages also timed with offload_optimizer (vanilla: DeepSpeedCPUAdam)")  # fmt: skip
     parser.add_argument("--memory_stages", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--sizes", nargs="+", default=["128x4", "256x4", "512x4", "256x8"])

@@ -11,7 +11,9 @@ interleaved rounds (one step of each variant per round, ranks synchronised aroun
 median of the timed rounds. Variants: ``vanilla`` (DeepSpeed's AdamW, torch implementation, from the
 config's optimizer section), ``second``/``first``/``ensemble`` (RoseAdamW through rose_ds), and
 ``two-pass`` (ROSE-First's exact step, both dropout passes and both backwards, with the selection
-switched off: no statistics, no all-reduce, no quantile, every tensor kept).
+switched off: no statistics, no all-reduce, no quantile, every tensor kept). With ``--offload_stages``
+the same at those stages with ``offload_optimizer`` to the CPU, where vanilla steps with DeepSpeed's
+``DeepSpeedCPUAdam`` and RoseAdamW with its default path (rose_ds's C++ kernel).
 ``memory``: peak resident memory of each rank for one variant (a process of its own: the peak is
 per process). ``traffic``: bytes per optimizer step through DeepSpeed's communication backend for
 vanilla, RoseAdamW with mode ``none`` and ROSE-Second; selection bytes = Second minus none (the same
@@ -74,10 +76,14 @@ def batch(step: int, size: int, seq: int, device: str):
     ).to(device)
 
 
-def ds_config(stage: int, micro: int, dtype: str, vanilla: bool, fused: bool, hidden: int) -> dict:
+def ds_config(
+    stage: int, micro: int, dtype: str, vanilla: bool, fused: bool, hidden: int, offload: bool = False
+) -> dict:
     # the bucket sizes ds_configs/*.json get from "auto" (hidden^2, as the Hugging Face integration):
     # what users of launch/finetune.py run, for vanilla and ROSE alike
     zero = {"stage": stage, "reduce_bucket_size": hidden * hidden}
+    if offload:  # ds_configs/zero*_offload.json: the optimizer state and step on the CPU
+        zero["offload_optimizer"] = {"device": "cpu"}
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = 0  # partition every tensor, as large models are
         zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden)
@@ -91,16 +97,18 @@ def ds_config(stage: int, micro: int, dtype: str, vanilla: bool, fused: bool, hi
     if dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
     if vanilla:
-        params = {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD, "torch_adam": True}
-        params["fused" if fused else "foreach"] = True
+        params = {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD}
+        if not offload:  # under offload DeepSpeed steps with its DeepSpeedCPUAdam, what its users get
+            params["torch_adam"] = True
+            params["fused" if fused else "foreach"] = True
         cfg["optimizer"] = {"type": "AdamW", "params": params}
     return cfg
 
 
-def build(variant: str, stage: int, args) -> tuple:
+def build(variant: str, stage: int, args, offload: bool = False) -> tuple:
     """An engine and its step function for one variant."""
     model = make_model(args.hidden, args.layers)
-    cfg = ds_config(stage, args.batch, args.dtype, variant == "vanilla", args.fused, args.hidden)
+    cfg = ds_config(stage, args.batch, args.dtype, variant == "vanilla", args.fused, args.hidden, offload)
     if variant == "vanilla":
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
 
@@ -116,8 +124,10 @@ def build(variant: str, stage: int, args) -> tuple:
     else:
         mode = {"two-pass": "first", "second-element": "second"}.get(variant, variant)
     rose = RoseConfig(mode=mode, upper=70, granularity="element" if variant.endswith("element") else "tensor")
+    # --fused: torch's fused kernel, as vanilla's; otherwise RoseAdamW's default path (rose_ds's C++
+    # kernel for CPU partitions, torch's foreach kernels on an accelerator)
     engine, *_ = rose_ds.initialize(model, cfg, rose=rose, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
-                                    fused=args.fused, method=method)  # fmt: skip
+                                    fused=True if args.fused else None, method=method)  # fmt: skip
     if variant == "two-pass":
         _switch_selection_off(engine)
     if method.fixed_mask:  # ChildTuning-D: a Fisher pass of two batches first (not timed: it runs once)
@@ -157,9 +167,9 @@ def timed(step, inputs, labels) -> float:
 def run_time(args) -> dict:
     device = get_accelerator().current_device_name()
     results = {}
-    for stage in args.stages:
-        variants = VARIANTS + (METHOD_VARIANTS if stage in args.method_stages else ())
-        built = {v: build(v, stage, args) for v in variants}
+    for stage, offload in [(s, False) for s in args.stages] + [(s, True) for s in args.offload_stages]:
+        variants = VARIANTS + (METHOD_VARIANTS if stage in args.method_stages and not offload else ())
+        built = {v: build(v, stage, args, offload) for v in variants}
         times = {v: [] for v in variants}
         for round_ in range(args.warmup + args.rounds):
             inputs, labels = batch(round_, args.batch, args.seq, device)
@@ -168,7 +178,7 @@ def run_time(args) -> dict:
                 t = timed(built[v][1], inputs, labels)
                 if round_ >= args.warmup:
                     times[v].append(t)
-        results[f"zero{stage}"] = {v: statistics.median(ts) for v, ts in times.items()}
+        results[f"zero{stage}{'_offload' if offload else ''}"] = {v: statistics.median(ts) for v, ts in times.items()}
         for engine, _ in built.values():
             engine.destroy()
         del built
@@ -258,6 +268,8 @@ def main() -> None:
         default=[2],
         help="stages whose time run also steps R-Drop, R3F, ChildTuning-F, alone and with ROSE",
     )
+    parser.add_argument("--offload_stages", type=int, nargs="*", default=[2, 3],
+                        help="stages also timed with offload_optimizer (vanilla: DeepSpeedCPUAdam)")  # fmt: skip
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--variant", choices=VARIANTS, default="first")
     parser.add_argument("--hidden", type=int, default=256)
