@@ -28,6 +28,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -65,6 +66,64 @@ def build_model(folder: Path, args) -> int:
     return size
 
 
+# --------------------------------------------------------------- bf16 products on a CPU without bf16 units
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX-512 BF16 or AMX); without them torch's bf16
+    matmul falls back to scalar loops for some layouts (measured here: 0.2 GFLOPS for the backward's
+    ``grad_output @ weight`` against 58 GFLOPS in fp32 on this AVX2-only EPYC)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def linear_in_fp32(orig, chunk_bytes: int = 64 * 2**20):
+    """``F.linear`` whose bf16 CPU products are taken in fp32 and rounded back to bf16 (inputs, outputs,
+    weights and gradients stay bf16: what the bf16 run holds and sends does not change; the arithmetic
+    rounds less). The weight is upcast in row blocks of at most ``chunk_bytes`` (the LM head's fp32 copy
+    would be 250 MB a rank where a model fills the memory). Other dtypes and devices go to ``orig``."""
+    import torch
+
+    def blocks(weight):
+        rows = max(1, chunk_bytes // (4 * weight.shape[1]))
+        return [(r, min(r + rows, weight.shape[0])) for r in range(0, weight.shape[0], rows)]
+
+    class Linear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, bias):
+            ctx.save_for_backward(x, weight)
+            ctx.has_bias = bias is not None
+            xf = x.float()
+            out = torch.cat([(xf @ weight[a:b].float().t()).to(x.dtype) for a, b in blocks(weight)], dim=-1)
+            return out if bias is None else out + bias
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, weight = ctx.saved_tensors
+            flat = grad.reshape(-1, grad.shape[-1])
+            xf = x.reshape(-1, x.shape[-1]).float() if ctx.needs_input_grad[1] else None
+            grad_x = torch.zeros(flat.shape[0], weight.shape[1]) if ctx.needs_input_grad[0] else None
+            grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+            for a, b in blocks(weight):
+                g = flat[:, a:b].float()
+                if grad_x is not None:
+                    grad_x += g @ weight[a:b].float()
+                if grad_w is not None:
+                    grad_w[a:b] = g.t() @ xf
+            if grad_x is not None:
+                grad_x = grad_x.to(x.dtype).reshape(x.shape)
+            grad_b = flat.float().sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+            return grad_x, grad_w, grad_b
+
+    def linear(x, weight, bias=None):
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            return Linear.apply(x, weight, bias)
+        return orig(x, weight, bias)
+
+    return linear
+
+
 # ------------------------------------------------------------------------- one rank of one run (torchrun)
 def worker(record: Path, argv: list[str]) -> None:
     """Runs launch/finetune.py's ``main(argv)`` on this rank with hooks that record what ROSE does."""
@@ -100,6 +159,9 @@ def worker(record: Path, argv: list[str]) -> None:
                                if hasattr(p, "ds_tensor")),
             "master_bytes": sum(s.param.numel() * s.param.element_size() for s in shards),
             "grad_bytes": sum(s.grad.numel() * s.grad.element_size() for s in shards if s.grad is not None),
+            # ZeRO-3's flat buffer the backward reduces into (bf16), besides the optimizer's fp32 gradients
+            "grad_buffer_bytes": (lambda b: 0 if b is None else b.numel() * b.element_size())(
+                getattr(self.zo, "grad_partitions_flat_buffer", None)),
             "optimizer_bytes": sum(v.numel() * v.element_size() for s in shards for v in s.state.values()
                                    if hasattr(v, "dim") and v.dim() > 0),
         })  # fmt: skip
@@ -108,6 +170,10 @@ def worker(record: Path, argv: list[str]) -> None:
 
     def captured_initialize(*a, **k):
         captured["counter"] = ByteCounter()  # (the process group is up by now)
+        if not cpu_has_bf16_matmul():  # after the model is built: zero.Init has set its own F.linear by then
+            import torch
+
+            torch.nn.functional.linear = linear_in_fp32(torch.nn.functional.linear)
         out = initialize(*a, **k)
         captured["counter"].bytes = {}
         captured["engine"] = out[0]
@@ -145,6 +211,13 @@ def launch(name: str, argv: list[str], work: Path, nproc: int) -> list[dict]:
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1",
                PYTHONWARNINGS="ignore", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))  # fmt: skip
+    # this checkout's rose_ds, whatever another install on the path holds
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    # glibc returns freed blocks above 1 MiB to the system at once: its adaptive threshold otherwise keeps
+    # up to 32 MiB blocks in the heap, which held ~1 GB more a rank at the peak (measured at 0.3B)
+    for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        env.setdefault(key, str(2**20))
+    env.setdefault("MALLOC_ARENA_MAX", "2")
     record = work / f"{name}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
            __file__, "--worker", str(record), "--", *argv]  # fmt: skip
@@ -164,9 +237,13 @@ def summarise(runs: dict[str, list[dict]], size: int, args, ds_config: dict) -> 
     world = args.nproc
     ens = runs["ensemble"]
     last = ens[0]["steps"][-1]
-    formula = {"bf16 parameters": 2, "fp32 master weights": 4, "Adam moments": 8, "fp32 gradients": 4}
+    # ZeRO-3 with offload_optimizer: the fp32 gradients stay allocated between steps (without offload they
+    # are made per sub-group at the step and freed), beside the bf16 buffer the backward reduces into
+    formula = {"bf16 parameters": 2, "fp32 master weights": 4, "Adam moments": 8, "fp32 gradients": 4,
+               "bf16 gradient buffer": 2}  # fmt: skip
     held = {"bf16 parameters": last["param_bytes"], "fp32 master weights": last["master_bytes"],
-            "Adam moments": last["optimizer_bytes"], "fp32 gradients": last["grad_bytes"]}  # fmt: skip
+            "Adam moments": last["optimizer_bytes"], "fp32 gradients": last["grad_bytes"],
+            "bf16 gradient buffer": last["grad_buffer_bytes"]}  # fmt: skip
 
     def step_time(ranks):
         times = [s["time"] for s in ranks[0]["steps"]]
@@ -216,21 +293,24 @@ GPU_COUNTS = (8, 64, 512)
 def cost_model(measured: dict, small: dict[int, dict]) -> str:
     """docs/scale.md's tables, from the constants measured by this benchmark (``measured``: the >= 1B run at
     ZeRO-3; ``small``: stage -> a small run's result at ZeRO 1 and 2, for their collective bytes)."""
-    size = measured["model"]["parameters"]
-    per_param = measured["held_per_rank_bytes_total"] * measured["world_size"] / size  # ZeRO-3: bf16 + fp32 + Adam
+    size, world = measured["model"]["parameters"], measured["world_size"]
+    # bytes per parameter of each kind of state, summed over ranks (what each rank holds, measured)
+    b = {k: v * world / size for k, v in measured["held_per_rank_bytes"].items()}
+    weights, master, adam = b["bf16 parameters"], b["fp32 master weights"], b["Adam moments"]
+    grad32, grad16 = b["fp32 gradients"], b["bf16 gradient buffer"]
     # collective bytes per step per parameter (bf16), vanilla and ROSE-First/Ensemble, by stage
     comm = {stage: {k: v / r["model"]["parameters"] for k, v in r["collective_bytes_per_step"].items()}
             for stage, r in {**small, 3: measured}.items()}  # fmt: skip
     selection = measured["selection_bytes_per_eligible_tensor"]["ensemble"][0]
     gib = 2**30
-    lines = ["| model | GPUs | ZeRO-1 | ZeRO-2 | ZeRO-3 | ZeRO-3 + offload (GPU / host per GPU) |", "|---" * 6 + "|"]
+    lines = ["| model | GPUs | ZeRO-1 | ZeRO-2 | ZeRO-3 | ZeRO-3 + offload: host per GPU |", "|---" * 6 + "|"]
     for name, (p, _) in MODELS.items():
         for n in GPU_COUNTS:
-            z1 = (4 + (per_param - 2) / n) * p  # bf16 params and gradients whole, the fp32 part split
-            z2 = (2 + (per_param - 2) / n) * p
-            z3 = per_param * p / n
-            lines.append(f"| {name} | {n} | {z1 / gib:.1f} | {z2 / gib:.1f} | {z3 / gib:.1f} | "
-                         f"{2 * p / n / gib:.2f} / {(per_param - 2) * p / n / gib:.1f} |")  # fmt: skip
+            z1 = (weights + grad16) * p + (master + adam) * p / n  # bf16 weights and gradients whole
+            z2 = weights * p + (grad16 + master + adam) * p / n
+            z3 = (weights + grad16 + master + adam) * p / n
+            host = (weights + grad16 + master + adam + grad32) * p / n
+            lines.append(f"| {name} | {n} | {z1 / gib:.1f} | {z2 / gib:.1f} | {z3 / gib:.1f} | {host / gib:.1f} |")
     memory = "\n".join(lines)
     lines = ["| model | eligible tensors | selection all-reduce | ZeRO-1/2 vanilla | ZeRO-1/2 ROSE-First, Ensemble | "
              "ZeRO-3 vanilla | ZeRO-3 ROSE-First, Ensemble |", "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -240,12 +320,14 @@ def cost_model(measured: dict, small: dict[int, dict]) -> str:
                      f"{comm[2]['vanilla'] * p / gib:.1f} GiB | {comm[2]['ensemble'] * p / gib:.1f} GiB | "
                      f"{comm[3]['vanilla'] * p / gib:.1f} GiB | {comm[3]['ensemble'] * p / gib:.1f} GiB |")  # fmt: skip
     traffic = "\n".join(lines)
-    return (f"Measured constants: {per_param:.1f} bytes per parameter per rank at ZeRO-3 (bf16 weights, fp32 master "
-            f"weights, Adam moments and the fp32 gradient partition); {selection:.0f} bytes of selection all-reduce "
-            f"per eligible tensor per step; collective bytes per parameter per step: "
+    kinds = ", ".join(f"{k} {v:.2f}" for k, v in b.items())
+    return (f"Measured constants: bytes per parameter held at ZeRO-3 with offload, summed over ranks: {kinds} "
+            f"(total {sum(b.values()):.2f}); {selection:.0f} bytes of selection all-reduce per eligible tensor "
+            f"per step; collective bytes per parameter per step: "
             + "; ".join(f"ZeRO-{s} vanilla {c['vanilla']:.2f}, ROSE-Second {c['second']:.2f}, ROSE-Ensemble "
                         f"{c['ensemble']:.2f}" for s, c in sorted(comm.items()))
-            + ".\n\nPer-GPU memory (GiB) of model states (vanilla; ROSE adds none at one micro-batch per step):"
+            + ".\n\nPer-GPU memory (GiB) of model states (vanilla; ROSE adds none at one micro-batch per step); "
+            "without offload the fp32 gradient is made for one optimizer sub-group at a time at the step:"
             f"\n\n{memory}\n\n"
             f"Per-GPU traffic per optimizer step (each collective's largest tensor, bf16):\n\n{traffic}\n")  # fmt: skip
 
@@ -253,14 +335,14 @@ def cost_model(measured: dict, small: dict[int, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--layers", type=int, default=20)
     parser.add_argument("--mlp", type=int, default=5632)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv_heads", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps of each run (the resume adds one)")
     parser.add_argument("--seq", type=int, default=64, help="--max_seq_length")
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--deepspeed", default="ds_configs/zero3_offload.json")
+    parser.add_argument("--deepspeed", default="ds_configs/zero3_offload_lowmem.json")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "scale")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which runs (finished ones kept)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
@@ -304,6 +386,15 @@ def main() -> None:
         record = args.work / f"{name}.json"
         if name in args.runs or not record.with_name(f"{record.name}.rank0").is_file():
             runs[name] = launch(name, [*common, *plans[name]], args.work, args.nproc)
+            # disk: the checkpoint (14 bytes a parameter) once resumed from, the step-time runs' exports
+            if name == "resume":
+                saved = out["ensemble"] / f"global_step{args.steps}"
+                sizes = {p.name: p.stat().st_size for p in saved.iterdir()}
+                (args.work / "checkpoint_files.json").write_text(json.dumps(sizes, indent=1))
+                shutil.rmtree(saved)
+            if name in ("second", "vanilla"):
+                for f in out[name].glob("model*.safetensors*"):
+                    f.unlink()
         else:
             runs[name] = [json.loads(record.with_name(f"{record.name}.rank{r}").read_text()) for r in range(args.nproc)]
     ds_config = json.loads((out["ensemble"] / "run_config.json").read_text())["deepspeed"]
@@ -311,7 +402,10 @@ def main() -> None:
     # the resumed step is the 4th step of the same run: its mask follows the 3 saved ones
     trainer_state = json.loads((out["ensemble"] / "trainer_state.json").read_text())
     result["resumed_run_steps"] = trainer_state["global_step"]
-    result["exported"] = sorted(p.name for p in out["ensemble"].glob("model*.safetensors*"))
+    result["exported"] = {p.name: p.stat().st_size for p in sorted(out["ensemble"].glob("model*.safetensors*"))}
+    checkpoint_files = args.work / "checkpoint_files.json"
+    if checkpoint_files.is_file():
+        result["checkpoint_files"] = json.loads(checkpoint_files.read_text())
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     if args.into:

@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = evaluate()
     if args.save_steps and state.last_saved != f"{checkpoint.PREFIX}{engine.global_steps}":  # not saved yet
         save()
+    # Adam's moments are done with (a checkpoint holds them): their 8 bytes a parameter per rank make room
+    # for the export's gathered shard, which a model that fills the memory would not have
+    optimizer.state.clear()
     checkpoint.export_model(engine, model, tokenizer, out)  # a LoRA model: its adapter
     if args.merge_lora and procs.is_main:
         merge_lora(out, out / "merged", objective.auto_class, model_path, tokenizer, objective.model_kwargs(task))

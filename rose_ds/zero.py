@@ -158,6 +158,30 @@ def _release_engines() -> None:
             wrapped.cache_clear()
 
 
+def map_checkpoint_loads(engine) -> None:
+    """Makes ``engine.load_checkpoint`` map each checkpoint file instead of reading it into memory.
+
+    DeepSpeed's torch checkpoint engine reads a file whole while the engine still holds its own
+    states, so a resume needs the model states twice: 12 more bytes a parameter per rank under ZeRO-3
+    with offload (6.6 GB a rank at 1.1B parameters on 2 ranks, past this machine's 24 GiB). Mapped
+    (copy-on-write), the loaded tensors are file pages the kernel reads on demand and can drop; the
+    values are the same bits. Other checkpoint engines (decoupled, fast writers) are left alone.
+
+    Args:
+        engine: A DeepSpeed engine, before ``load_checkpoint``.
+    """
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    ckpt = getattr(engine, "checkpoint_engine", None)
+    if type(ckpt) is not TorchCheckpointEngine:
+        return
+
+    def load(path: str, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+
+    ckpt.load = load
+
+
 def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two named param groups as Hugging Face's Trainer makes them: decay on weights, none on biases
     and normalisation weights (any module whose class name contains ``Norm``)."""

@@ -97,3 +97,26 @@ def test_known_deepspeed_keys_are_deepspeed_s_and_the_shipped_configs_pass():
         validate(json.loads(config.read_text()))
     with pytest.raises(ConfigConflictError, match="did you mean 'gradient_clipping'"):
         validate({"gradient_cliping": 1.0})
+
+
+def test_checkpoint_loads_are_mapped_not_read(tmp_path):
+    """A resume maps DeepSpeed's files (the engine holds its own states meanwhile): the loaded tensors'
+    storage is the file, with the saved values; other checkpoint engines are left alone."""
+    import types
+
+    import torch
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    saved = {"exp_avg": torch.randn(1000), "step": 3}
+    path = tmp_path / "optim_states.pt"
+    TorchCheckpointEngine().save(saved, str(path))
+    engine = types.SimpleNamespace(checkpoint_engine=TorchCheckpointEngine())
+    rose_ds.zero.map_checkpoint_loads(engine)
+    loaded = engine.checkpoint_engine.load(str(path), map_location=torch.device("cpu"))
+    assert torch.equal(loaded["exp_avg"], saved["exp_avg"]) and loaded["step"] == 3
+    assert loaded["exp_avg"].untyped_storage().filename == str(path)
+    plain = TorchCheckpointEngine().load(str(path), map_location=torch.device("cpu"))
+    assert plain["exp_avg"].untyped_storage().filename is None  # what DeepSpeed does: read into memory
+    other = types.SimpleNamespace(checkpoint_engine=object())
+    rose_ds.zero.map_checkpoint_loads(other)
+    assert not hasattr(other.checkpoint_engine, "load")

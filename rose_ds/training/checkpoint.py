@@ -48,6 +48,7 @@ import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
 
+from rose_ds import zero
 from rose_ds.training import RecipeError
 
 RECORD = "rose_ds_checkpoint.json"
@@ -264,6 +265,7 @@ def load(engine, path: Path, tag: str) -> dict[str, Any]:
     optimizer = engine.basic_optimizer  # the client optimizer (RoseAdamW), whose groups ZeRO shares
     groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
     load_dir, load_tag = (path.parent, path.name) if tag == "." else (path, tag)
+    zero.map_checkpoint_loads(engine)
     engine.load_checkpoint(str(load_dir), tag=load_tag)
     if tag != ".":
         # the universal loader gives every param group the first group's hyper-parameters (ZeRO-3: the
