@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmarks on ONE GPU, for when a GPU machine is lent (never needed by tests or CI):
-# 1. the billion-parameter proof of benchmarks/scale.py: a 1.1B-parameter Llama-shaped decoder through
+# 1. the billion-parameter proof of benchmarks/scale.py: a 1.006B-parameter Llama-shaped decoder through
 #    launch/finetune.py at ZeRO-3 in bf16 without offload (the GPU holds it all), ROSE-Ensemble 3 steps,
 #    a checkpoint, a resumed 4th step and the export, then ROSE-Second and vanilla for the step times;
 # 2. the benchmark table of benchmarks/run.py: bf16, fused Adam kernels in vanilla and ROSE alike, a

@@ -1,9 +1,10 @@
 """The billion-parameter proof: a >= 1.0B-parameter Llama-shaped decoder through the real program.
 
-Builds a Llama-shaped causal LM from config (TinyLlama-1.1B's shape: hidden 2048, 22 layers, grouped-query
-attention with 4 key/value heads, MLP 5632; random weights, saved in bf16 with the embedded MiniLM's
-tokenizer) and runs ``launch/finetune.py`` on it, each run its own 2-process job at ZeRO-3 with
-``--deepspeed ds_configs/zero3_offload.json`` (optimizer and parameters offloaded) in bf16, on the embedded
+Builds a Llama-shaped causal LM from config (TinyLlama-1.1B's blocks: hidden 2048, grouped-query attention
+with 4 key/value heads, MLP 5632; 20 of its 22 layers, 1.006B parameters, since 22 do not fit 24 GiB on 2
+ranks: docs/scale.md; random weights, saved in bf16 with the embedded MiniLM's tokenizer) and runs
+``launch/finetune.py`` on it, each run its own 2-process job at ZeRO-3 with ``--deepspeed
+ds_configs/zero3_offload_lowmem.json`` (optimizer and parameters offloaded) in bf16, on the embedded
 Rotten Tomatoes as instruction data:
 
 1. ROSE-Ensemble (the first-order part active: two dropout passes, the robust backward, the task
@@ -17,7 +18,7 @@ against the ZeRO-3 formula, the bytes ROSE's selection all-reduces at each step,
 and the time of each step. The result (``--json``) says whether every rank made the same masks, whether
 the resumed step matches, and the step-time ratios. Usage::
 
-    python benchmarks/scale.py                                  # the 1.1B run (about an hour on 2 cores)
+    python benchmarks/scale.py                                  # the 1.006B run (about 30 minutes on 2 cores)
     python benchmarks/scale.py --layers 2 --hidden 256 --json /tmp/small.json    # a small rehearsal
 """
 
@@ -329,7 +330,9 @@ def cost_model(measured: dict, small: dict[int, dict]) -> str:
             + ".\n\nPer-GPU memory (GiB) of model states (vanilla; ROSE adds none at one micro-batch per step); "
             "without offload the fp32 gradient is made for one optimizer sub-group at a time at the step:"
             f"\n\n{memory}\n\n"
-            f"Per-GPU traffic per optimizer step (each collective's largest tensor, bf16):\n\n{traffic}\n")  # fmt: skip
+            "Per-GPU traffic per optimizer step (each collective's largest tensor, bf16; a ring all-gather or "
+            "reduce-scatter sends (N-1)/N of it from each GPU, so these are per-GPU bytes at any N):"
+            f"\n\n{traffic}\n")  # fmt: skip
 
 
 def main() -> None:
