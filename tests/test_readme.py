@@ -88,3 +88,10 @@ def test_every_hf_trainer_example_flag_is_documented():
     fields = [f.name for f in dataclasses.fields(ExampleArguments)]
     assert len(fields) >= 20
     assert [f for f in fields if f"`--{f}`" not in section] == []
+
+
+def test_every_converged_flag_is_documented():
+    section = _section("Robustness: attacks, flatness, the results table")
+    flags = re.findall(r'add_argument\(\s*"(--\w+)"', (ROOT / "launch" / "converged.py").read_text())
+    assert len(flags) >= 18
+    assert [f for f in flags if f"`{f}`" not in section] == []
