@@ -77,7 +77,7 @@ class Experiment:
         return limit is not None and time.time() - self.started > 60 * limit
 
     def train(self, name: str, folder: Path, mode: str, seed: int, lr: float, upper: int, steps: int, *,
-              eval_steps: int | None = None, adv: bool = True) -> dict | None:  # fmt: skip
+              eval_steps: int | None = None) -> dict | None:  # fmt: skip
         """Trains one run (or resumes it from its last checkpoint) and records its clean validation curve,
         final accuracy and seconds in the plan; returns the record, or None when out of time."""
         if name in self.plan["runs"]:
@@ -86,7 +86,7 @@ class Experiment:
         if not done:
             if self.out_of_time():
                 return None
-            self._launch(folder, mode, seed, lr, upper, steps, eval_steps, adv)
+            self._launch(folder, mode, seed, lr, upper, steps, eval_steps)
         state = json.loads((folder / "trainer_state.json").read_text())
         results = json.loads((folder / "all_results.json").read_text())
         evals = [r for r in state["log_history"] if "eval_accuracy" in r]
@@ -103,7 +103,7 @@ class Experiment:
             shutil.rmtree(checkpoint, ignore_errors=True)
         return record
 
-    def _launch(self, folder: Path, mode, seed, lr, upper, steps, eval_steps, adv) -> None:
+    def _launch(self, folder: Path, mode, seed, lr, upper, steps, eval_steps) -> None:
         cli = self.cli
         resume = any(folder.glob("global_step*/"))
         args = [
@@ -115,7 +115,6 @@ class Experiment:
             *(["--resume_from_checkpoint", "auto"] if resume else ["--overwrite_output_dir"]),
             "--max_steps", str(steps), "--warmup_steps", str(steps // 10),
             *(["--max_train_samples", str(cli.train_samples)] if cli.train_samples else []),
-            *([] if adv else ["--adv_file", "none"]),
             *cli.finetune_args,
         ]  # fmt: skip
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -134,9 +133,11 @@ class Experiment:
         """Optimizer steps per epoch: the training split as the program draws it (each rank's share of a
         ``DistributedSampler``, whole batches)."""
         if "epoch_steps" not in self.plan:
-            from rose_ds.training.data import load_rotten_tomatoes
+            from rose_ds.training.data import SHARED_ADVGLUE, load_rotten_tomatoes
 
-            examples = len(load_rotten_tomatoes(None, seed=1)["train"])
+            # the program's own default: the shared AdvGLUE file where there is one, else the hub
+            adv = str(SHARED_ADVGLUE) if SHARED_ADVGLUE.is_file() else None
+            examples = len(load_rotten_tomatoes(adv, seed=1)["train"])
             if self.cli.train_samples:
                 examples = min(examples, self.cli.train_samples)
             self.plan["epoch_steps"] = -(-examples // self.cli.nproc) // self.cli.batch_size
@@ -162,7 +163,7 @@ def budget(exp: Experiment) -> bool:
     curves = {}
     for lr in cli.lrs:
         run = exp.train(f"budget-lr{lr}", cli.out / "select" / f"budget-lr{lr}", "none", 1, lr, 0, steps,
-                        eval_steps=cli.eval_steps, adv=False)  # fmt: skip
+                        eval_steps=cli.eval_steps)  # fmt: skip
         if run is None:
             return False
         curves[lr] = run["curve"]

@@ -29,6 +29,7 @@ import json
 import os
 import socket
 import weakref
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,11 @@ def map_checkpoint_loads(engine) -> None:
     if type(ckpt) is not TorchCheckpointEngine:
         return
 
+    read = ckpt.load
+
     def load(path: str, map_location=None):
+        if not zipfile.is_zipfile(path):  # the legacy format ("checkpoint": {"use_zipfile": false}) maps not
+            return read(path, map_location=map_location)
         return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
 
     ckpt.load = load

@@ -108,15 +108,29 @@ def test_checkpoint_loads_are_mapped_not_read(tmp_path):
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     saved = {"exp_avg": torch.randn(1000), "step": 3}
-    path = tmp_path / "optim_states.pt"
-    TorchCheckpointEngine().save(saved, str(path))
+    path, legacy = tmp_path / "optim_states.pt", tmp_path / "legacy.pt"
+    torch.save(saved, path)  # DeepSpeed's engine writes zip files unless its config says otherwise
+    torch.save(saved, legacy, _use_new_zipfile_serialization=False)
     engine = types.SimpleNamespace(checkpoint_engine=TorchCheckpointEngine())
     rose_ds.zero.map_checkpoint_loads(engine)
     loaded = engine.checkpoint_engine.load(str(path), map_location=torch.device("cpu"))
     assert torch.equal(loaded["exp_avg"], saved["exp_avg"]) and loaded["step"] == 3
-    assert loaded["exp_avg"].untyped_storage().filename == str(path)
+    assert mapped_file(loaded["exp_avg"]) == str(path)
     plain = TorchCheckpointEngine().load(str(path), map_location=torch.device("cpu"))
-    assert plain["exp_avg"].untyped_storage().filename is None  # what DeepSpeed does: read into memory
+    assert mapped_file(plain["exp_avg"]) is None  # what DeepSpeed does: read into memory
+    old = engine.checkpoint_engine.load(str(legacy), map_location=torch.device("cpu"))  # cannot be mapped: read
+    assert torch.equal(old["exp_avg"], saved["exp_avg"]) and mapped_file(old["exp_avg"]) is None
     other = types.SimpleNamespace(checkpoint_engine=object())
     rose_ds.zero.map_checkpoint_loads(other)
     assert not hasattr(other.checkpoint_engine, "load")
+
+
+def mapped_file(t) -> str | None:
+    """The file whose mapping holds ``t``'s data (Linux), or None for anonymous memory."""
+    address = t.untyped_storage().data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, _, _, _, _, *name = line.split()
+        low, high = (int(x, 16) for x in span.split("-"))
+        if low <= address < high:
+            return name[0] if name and name[0].startswith("/") else None
+    return None
